@@ -1,0 +1,1 @@
+"""Ray Data batch pipelines over Splinter: recurring-span mining and bulk QA extraction."""

@@ -1,0 +1,29 @@
+"""What a stage asks of the cluster. Only `pipeline.runner` turns this into Ray arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-stage scheduling hints.
+
+    `actors > 0` makes the stage an actor pool of that size: each actor builds the stage once
+    (a model load) and then serves many batches. `actors == 0` runs the stage as stateless tasks.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 256
+    actors: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"resources must be non-negative, got cpus={self.num_cpus} gpus={self.num_gpus}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.actors < 0:
+            raise ValueError(f"actors must be >= 0, got {self.actors}")
+        if self.num_gpus > 0 and self.actors == 0:
+            raise ValueError("a GPU stage must run as an actor pool (actors >= 1) so the model loads once")

@@ -1,0 +1,1 @@
+"""Stages: plain classes with `__call__(batch) -> batch`. They never import ray."""
