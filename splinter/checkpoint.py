@@ -1,0 +1,384 @@
+"""Checkpoints: transformers-format Splinter directories in and out, and BERT checkpoints in.
+
+This file holds the ONE map between our short module names and transformers' key names (see the module
+docstring of splinter/model.py for why). Each entry maps one of our tensors to one or more checkpoint
+tensors; several are concatenated along dim 0 (query|key|value -> our fused `qkv`) and split again on save.
+Every key on both sides must be consumed, so a renamed or missing tensor is an error, never a silent skip.
+
+Canonical checkpoint keys used internally are transformers' SplinterForQuestionAnswering names:
+`splinter.<encoder key>` and `splinter_qass.<head key>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from splinter.config import CONFIG_NAME, SplinterConfig
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_BIN_NAME = "pytorch_model.bin"
+TORCH_BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+VOCAB_NAME = "vocab.txt"
+QUESTION_TOKEN = "[QUESTION]"
+
+ENCODER_PREFIX = "splinter."
+QASS_PREFIX = "splinter_qass."
+# transformers registers `position_ids` as a non-persistent buffer; old .bin files still carry it.
+LEGACY_BUFFERS = ("embeddings.position_ids",)
+
+# ours (relative to SplinterModel)  ->  checkpoint key(s) (relative to the `splinter.` prefix)
+_EMBEDDING_MAP: dict[str, tuple[str, ...]] = {
+    "wte.weight": ("embeddings.word_embeddings.weight",),
+    "wpe.weight": ("embeddings.position_embeddings.weight",),
+    "wtt.weight": ("embeddings.token_type_embeddings.weight",),
+    "ln_emb.weight": ("embeddings.LayerNorm.weight",),
+    "ln_emb.bias": ("embeddings.LayerNorm.bias",),
+}
+_LAYER_MAP: dict[str, tuple[str, ...]] = {
+    "layers.{i}.qkv.{p}": (
+        "encoder.layer.{i}.attention.self.query.{p}",
+        "encoder.layer.{i}.attention.self.key.{p}",
+        "encoder.layer.{i}.attention.self.value.{p}",
+    ),
+    "layers.{i}.attn_out.{p}": ("encoder.layer.{i}.attention.output.dense.{p}",),
+    "layers.{i}.ln_attn.{p}": ("encoder.layer.{i}.attention.output.LayerNorm.{p}",),
+    "layers.{i}.ff_in.{p}": ("encoder.layer.{i}.intermediate.dense.{p}",),
+    "layers.{i}.ff_out.{p}": ("encoder.layer.{i}.output.dense.{p}",),
+    "layers.{i}.ln_ff.{p}": ("encoder.layer.{i}.output.LayerNorm.{p}",),
+}
+# ours (relative to the QASS head `qass.`)  ->  checkpoint key (relative to `splinter_qass.`)
+_QASS_MAP: dict[str, tuple[str, ...]] = {
+    **{
+        f"{ours}.{sub}.{p}": (f"{theirs}.{sub_theirs}.{p}",)
+        for ours, theirs in (
+            ("q_start", "query_start_transform"),
+            ("q_end", "query_end_transform"),
+            ("start", "start_transform"),
+            ("end", "end_transform"),
+        )
+        for sub, sub_theirs in (("dense", "dense"), ("ln", "LayerNorm"))
+        for p in ("weight", "bias")
+    },
+    "start_bilinear.weight": ("start_classifier.weight",),
+    "end_bilinear.weight": ("end_classifier.weight",),
+}
+
+
+def key_map(config: SplinterConfig, with_qass: bool) -> dict[str, tuple[str, ...]]:
+    """Full map for a model: our state_dict key -> canonical checkpoint key(s).
+
+    With the head, our keys are those of SplinterFor* (`splinter.*`, `qass.*`); without it, those of a bare
+    SplinterModel. Checkpoint keys are always canonical (`splinter.*`, `splinter_qass.*`).
+    """
+    ours_prefix = ENCODER_PREFIX if with_qass else ""
+    out: dict[str, tuple[str, ...]] = {}
+    for ours, theirs in _EMBEDDING_MAP.items():
+        out[ours_prefix + ours] = tuple(ENCODER_PREFIX + t for t in theirs)
+    for i in range(config.num_hidden_layers):
+        for p in ("weight", "bias"):
+            for ours, theirs in _LAYER_MAP.items():
+                out[ours_prefix + ours.format(i=i, p=p)] = tuple(
+                    ENCODER_PREFIX + t.format(i=i, p=p) for t in theirs
+                )
+    if with_qass:
+        for ours, theirs in _QASS_MAP.items():
+            out["qass." + ours] = tuple(QASS_PREFIX + t for t in theirs)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reading files
+def read_state_dict(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of a checkpoint directory on CPU, plus the file each key came from.
+
+    Looks for model.safetensors, its sharded index, pytorch_model.bin (loaded with weights_only=True, so a
+    pickle cannot run code), or its sharded index, in that order.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+
+    def load_one(path: Path) -> dict[str, Tensor]:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file {path} is missing (listed in the shard index?)")
+        if path.name.endswith(".safetensors"):
+            return load_file(str(path), device="cpu")
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} does not hold a state dict (got {type(loaded).__name__})")
+        return loaded
+
+    for single, index in ((SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME), (TORCH_BIN_NAME, TORCH_BIN_INDEX_NAME)):
+        if (directory / single).is_file():
+            tensors = load_one(directory / single)
+            return tensors, dict.fromkeys(tensors, single)
+        if (directory / index).is_file():
+            weight_map = json.loads((directory / index).read_text(encoding="utf-8")).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{directory / index} has no 'weight_map' object")
+            tensors, sources = {}, {}
+            for shard in sorted(set(weight_map.values())):
+                shard_tensors = load_one(directory / shard)
+                for key, value in shard_tensors.items():
+                    tensors[key] = value
+                    sources[key] = shard
+            for key, shard in weight_map.items():
+                if key not in tensors:
+                    raise ValueError(f"{index} lists {key!r} in {shard}, but that file does not contain it")
+            return tensors, sources
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
+        f"{TORCH_BIN_NAME} or {TORCH_BIN_INDEX_NAME}"
+    )
+
+
+def _canonical_splinter(tensors: dict[str, Tensor], sources: dict[str, str]) -> tuple[dict, dict]:
+    """Splinter checkpoint keys -> canonical form (adds `splinter.` to a bare SplinterModel's keys)."""
+    prefixed = any(k.startswith((ENCODER_PREFIX, QASS_PREFIX)) for k in tensors)
+    out, src = {}, {}
+    for key, value in tensors.items():
+        name = key
+        if not prefixed:
+            name = ENCODER_PREFIX + key
+        if name.removeprefix(ENCODER_PREFIX) in LEGACY_BUFFERS:
+            continue
+        out[name], src[name] = value, sources[key]
+    return out, src
+
+
+def _canonical_bert(tensors: dict[str, Tensor], sources: dict[str, str]) -> tuple[dict, dict]:
+    """BERT-family keys (`bert.*` or bare) -> canonical Splinter encoder keys; heads and pooler dropped."""
+    prefixed = any(k.startswith("bert.") for k in tensors)
+    out, src, dropped = {}, {}, []
+    for key, value in tensors.items():
+        if prefixed and not key.startswith("bert."):
+            dropped.append(key)  # task heads beside the encoder: cls.* (MLM/NSP), classifier.*, qa_outputs.*
+            continue
+        name = key.removeprefix("bert.") if prefixed else key
+        if name.startswith(("pooler.", "cls.")) or name in LEGACY_BUFFERS:
+            dropped.append(key)
+            continue
+        # TF-era BERT checkpoints name LayerNorm parameters gamma/beta.
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[ENCODER_PREFIX + name], src[ENCODER_PREFIX + name] = value, sources[key]
+    if dropped:
+        logger.info(
+            "from_bert: dropped %d tensors not used by Splinter (pooler/heads): %s", len(dropped), dropped
+        )
+    return out, src
+
+
+# ---------------------------------------------------------------------------------------- building models
+M = TypeVar("M", bound=nn.Module)
+
+
+def _build(
+    cls: type[M],
+    config: SplinterConfig,
+    tensors: dict[str, Tensor],
+    sources: dict[str, str],
+    directory: Path,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    qass_expected: bool,
+) -> M:
+    """Create `cls(config)` without a random init and fill it from canonical checkpoint tensors."""
+    with_qass = bool(getattr(cls, "has_qass", False))
+    mapping = key_map(config, with_qass)
+    with torch.device("meta"):
+        model = cls(config)  # shapes only: no memory, no wasted random init
+    model.to(dtype=dtype or torch.get_default_dtype())
+    model.to_empty(device=device or "cpu")
+    params = model.state_dict()
+
+    def where(key: str) -> str:
+        return f"{directory / sources[key]}" if key in sources else str(directory)
+
+    qass_keys = {k for k in mapping if k.startswith("qass.")}
+    present_qass = [k for k in qass_keys if all(t in tensors for t in mapping[k])]
+    fresh_qass = with_qass and not present_qass
+    consumed: set[str] = set()
+    with torch.no_grad():
+        for ours, theirs in mapping.items():
+            if fresh_qass and ours in qass_keys:
+                continue
+            missing = [t for t in theirs if t not in tensors]
+            if missing:
+                raise ValueError(f"checkpoint {directory} lacks {missing[0]!r} (needed for {ours})")
+            parts = [tensors[t] for t in theirs]
+            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            target = params[ours]
+            if value.shape != target.shape:
+                expected = list(target.shape)
+                if len(parts) > 1:
+                    expected[0] //= len(parts)
+                raise ValueError(
+                    f"{theirs[0]!r} in {where(theirs[0])} has shape {list(parts[0].shape)}, but config.json "
+                    f"implies {expected}; the config and weights do not belong together"
+                )
+            target.copy_(value)
+            consumed.update(theirs)
+    leftover = sorted(set(tensors) - consumed)
+    if not with_qass:
+        ignored = [k for k in leftover if k.startswith(QASS_PREFIX)]
+        if ignored:
+            logger.info("SplinterModel ignores the %d QASS head tensors of %s", len(ignored), directory)
+        leftover = [k for k in leftover if not k.startswith(QASS_PREFIX)]
+    if leftover:
+        raise ValueError(
+            f"unexpected tensor {leftover[0]!r} in {where(leftover[0])} ({len(leftover)} unexpected in all: "
+            f"{leftover[:5]}); this is not a Splinter checkpoint with the architecture config.json describes"
+        )
+    if fresh_qass:
+        from splinter.model import init_weights
+
+        init_weights(model.get_submodule("qass"), config.initializer_range)
+        if qass_expected:
+            logger.warning(
+                "checkpoint %s has no QASS head weights (splinter_qass.*); the head is freshly initialised "
+                "and must be fine-tuned before its span predictions mean anything",
+                directory,
+            )
+    elif with_qass and len(present_qass) != len(qass_keys):
+        missing = sorted(t for k in qass_keys - set(present_qass) for t in mapping[k])
+        raise ValueError(f"checkpoint {directory} has a partial QASS head: {missing[0]!r} is missing")
+    return model.eval()
+
+
+def load_pretrained(
+    cls: type[M],
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> M:
+    """`cls.from_pretrained`: config.json + weights of a transformers-format Splinter checkpoint.
+
+    dtype None means torch's default (float32), as in transformers. The model comes back in eval mode.
+    """
+    directory = Path(directory)
+    config = SplinterConfig.from_pretrained(directory)
+    tensors, sources = read_state_dict(directory)
+    tensors, sources = _canonical_splinter(tensors, sources)
+    return _build(cls, config, tensors, sources, directory, dtype, device, qass_expected=True)
+
+
+def question_token_id_from_vocab(directory: str | Path) -> int | None:
+    """Line index of [QUESTION] in <directory>/vocab.txt, or None when there is no such token or file."""
+    path = Path(directory) / VOCAB_NAME
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            if line.rstrip("\r\n") == QUESTION_TOKEN:
+                return index
+    return None
+
+
+def bert_config_to_splinter(directory: str | Path) -> SplinterConfig:
+    """A SplinterConfig from a BERT-family config.json (+ vocab.txt for the [QUESTION] id)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; pass a BERT checkpoint directory")
+    values: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    if values.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(
+            f"{path}: position_embedding_type {values['position_embedding_type']!r} is not supported; "
+            "Splinter uses absolute position embeddings"
+        )
+    if values.get("embedding_size", values.get("hidden_size")) != values.get("hidden_size"):
+        raise ValueError(
+            f"{path}: embedding_size differs from hidden_size (ALBERT/ELECTRA-style); not supported"
+        )
+    if values.get("model_type", "bert") != "bert":
+        logger.warning(
+            "from_bert: model_type is %r, not 'bert'; loading it as BERT", values.get("model_type")
+        )
+    fields = {f.name for f in dataclasses.fields(SplinterConfig)} - {
+        "extra",
+        "architectures",
+        "question_token_id",
+    }
+    known = {k: v for k, v in values.items() if k in fields}
+    question_id = question_token_id_from_vocab(directory)
+    if question_id is None:
+        question_id = SplinterConfig.question_token_id
+        logger.warning(
+            "from_bert: %s has no %s token; question_token_id stays %d. Add %s to the vocabulary "
+            "(Splinter's replaces [unused100]) or set config.question_token_id before fine-tuning",
+            directory / VOCAB_NAME,
+            QUESTION_TOKEN,
+            question_id,
+            QUESTION_TOKEN,
+        )
+    return SplinterConfig(**known, question_token_id=question_id)
+
+
+def load_from_bert(
+    cls: type[M],
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> M:
+    """`cls.from_bert`: the encoder from a BERT-family checkpoint; the QASS head is freshly initialised."""
+    directory = Path(directory)
+    config = bert_config_to_splinter(directory)
+    tensors, sources = read_state_dict(directory)
+    tensors, sources = _canonical_bert(tensors, sources)
+    return _build(cls, config, tensors, sources, directory, dtype, device, qass_expected=False)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def to_checkpoint_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Our state_dict in transformers' key names (fused qkv split back into query/key/value).
+
+    A head model gives canonical `splinter.*`/`splinter_qass.*` keys; a bare SplinterModel gives bare keys,
+    as transformers' SplinterModel.save_pretrained does.
+    """
+    config: SplinterConfig = model.config  # type: ignore[assignment]
+    with_qass = bool(getattr(model, "has_qass", False))
+    state = model.state_dict()
+    mapping = key_map(config, with_qass)
+    unmapped = sorted(set(state) - set(mapping))
+    if unmapped:
+        raise ValueError(f"internal error: model tensors without a checkpoint name: {unmapped}")
+    out: dict[str, Tensor] = {}
+    for ours, theirs in mapping.items():
+        value = state[ours].detach()
+        parts = value.chunk(len(theirs), dim=0) if len(theirs) > 1 else (value,)
+        for name, part in zip(theirs, parts, strict=True):
+            if not with_qass:
+                name = name.removeprefix(ENCODER_PREFIX)
+            # clone: safetensors refuses tensors that share storage (the qkv chunks do).
+            out[name] = part.to("cpu").clone().contiguous()
+    return out
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write model.safetensors + config.json (+ tokenizer files) loadable by transformers and by us."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: SplinterConfig = model.config  # type: ignore[assignment]
+    tensors = to_checkpoint_state_dict(model)
+    # transformers refuses safetensors files whose metadata lacks format=pt.
+    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    dtype = next(iter(tensors.values())).dtype
+    extra = {**config.extra, "torch_dtype": str(dtype).removeprefix("torch.")}
+    saved = dataclasses.replace(config, architectures=[type(model).__name__], extra=extra)
+    saved.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return directory

@@ -1,0 +1,557 @@
+"""The Splinter network (Ram et al., 2021) in plain PyTorch: a post-LN BERT encoder plus the QASS head.
+
+Classes go bottom-up: embeddings and block -> encoder -> QASS head -> task models. Tensors are
+(B, S, H) = (batch, sequence, hidden); Q is the number of question positions per row.
+
+Module names are short (`qkv`, `ln_attn`, ...); transformers' checkpoint names live in exactly one place,
+the key map in `splinter/checkpoint.py`. We chose that over mirroring the checkpoint tree because the
+fused query/key/value projection (one GEMM instead of three) cannot mirror three separate checkpoint
+tensors anyway, so a map is needed regardless, and one map is simpler than a map plus mirrored names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splinter.config import SplinterConfig
+
+# The QASS transforms use torch's default LayerNorm eps and erf-GELU regardless of the config: that is how
+# the released checkpoints were trained (transformers hard-codes the same).
+QASS_LAYER_NORM_EPS = 1e-5
+
+
+@dataclass
+class SplinterOutput:
+    """What a forward pass returns; fields a model does not compute stay None."""
+
+    last_hidden_state: Tensor
+    start_logits: Tensor | None = None
+    end_logits: Tensor | None = None
+    loss: Tensor | None = None
+
+
+def _activation(name: str) -> Any:
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        # All three are the tanh approximation 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3))).
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name in ("silu", "swish"):
+        return F.silu
+    raise ValueError(f"unsupported hidden_act {name!r}")
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """transformers' scheme: Linear/Embedding ~ N(0, std), zero biases and pad row, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.padding_idx is not None and m.weight.device.type != "meta":
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ------------------------------------------------------------------------------------------- input checks
+def _check_same_shape(
+    name: str, tensor: Tensor | None, shape: torch.Size, allow_batch_one: bool = False
+) -> None:
+    if tensor is None:
+        return
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    ok = tensor.shape == shape or (allow_batch_one and tensor.shape == (1, shape[1]))
+    if not ok:
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(shape)}; "
+            f"pass one {name} value per token (same [batch, seq_len] shape)"
+        )
+
+
+def validate_inputs(
+    config: SplinterConfig,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    question_positions: Tensor | None = None,
+) -> None:
+    """Raise ValueError (saying what to do) on malformed inputs.
+
+    Shapes are checked on the host for free; all value-range checks are reduced on the device into one
+    small flag vector and read back with a single host sync.
+    """
+    if not isinstance(input_ids, Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be 2-D [batch, seq_len], got shape {tuple(input_ids.shape)}; "
+            "add a batch dimension with input_ids.unsqueeze(0)"
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dtype.is_complex:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    batch, seq_len = input_ids.shape
+    if batch == 0 or seq_len == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token")
+    if position_ids is None and seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds max_position_embeddings={config.max_position_embeddings}; "
+            "truncate the input or split it into overlapping windows"
+        )
+    _check_same_shape("attention_mask", attention_mask, input_ids.shape)
+    _check_same_shape("token_type_ids", token_type_ids, input_ids.shape)
+    _check_same_shape("position_ids", position_ids, input_ids.shape, allow_batch_one=True)
+    if question_positions is not None:
+        if not isinstance(question_positions, Tensor) or question_positions.dim() != 2:
+            raise ValueError(
+                "question_positions must be a 2-D [batch, num_questions] tensor of token indices"
+            )
+        if question_positions.shape[0] != batch or question_positions.shape[1] == 0:
+            raise ValueError(
+                f"question_positions has shape {tuple(question_positions.shape)}; expected [{batch}, Q>=1] "
+                "(one row per input row)"
+            )
+        if question_positions.dtype.is_floating_point or question_positions.dtype == torch.bool:
+            raise ValueError("question_positions must hold integer token indices")
+
+    # name, tensor, upper bound (exclusive), what to do
+    ranged: list[tuple[str, Tensor, int, str]] = [
+        (
+            "input_ids",
+            input_ids,
+            config.vocab_size,
+            f"token ids must be in [0, vocab_size={config.vocab_size})",
+        ),
+    ]
+    if token_type_ids is not None:
+        ranged.append(
+            (
+                "token_type_ids",
+                token_type_ids,
+                config.type_vocab_size,
+                f"use values in [0, {config.type_vocab_size})",
+            )
+        )
+    if position_ids is not None:
+        ranged.append(
+            (
+                "position_ids",
+                position_ids,
+                config.max_position_embeddings,
+                f"use values in [0, max_position_embeddings={config.max_position_embeddings})",
+            )
+        )
+    if question_positions is not None:
+        ranged.append(
+            (
+                "question_positions",
+                question_positions,
+                seq_len,
+                f"indices must point into [0, seq_len={seq_len})",
+            )
+        )
+    flags = []
+    for _, tensor, upper, _ in ranged:
+        low, high = torch.aminmax(tensor)
+        flags.append((low < 0) | (high >= upper))
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        flags.append(((attention_mask != 0) & (attention_mask != 1)).any())
+    bad = torch.stack(flags).tolist()  # the one host sync
+    for (name, tensor, _, hint), is_bad in zip(ranged, bad, strict=False):
+        if is_bad:
+            raise ValueError(
+                f"{name} out of range (min {int(tensor.min())}, max {int(tensor.max())}): {hint}"
+            )
+    if len(bad) > len(ranged) and bad[-1]:
+        raise ValueError("attention_mask must contain only 0 and 1 (1 = real token, 0 = padding)")
+
+
+# ------------------------------------------------------------------------------------------------- encoder
+class Block(nn.Module):
+    """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: SplinterConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.n_head = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.attn_dropout = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(h, 3 * h)  # fused query|key|value: one GEMM instead of three
+        self.attn_out = nn.Linear(h, h)
+        self.ln_attn = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.ff_in = nn.Linear(h, config.intermediate_size)
+        self.ff_out = nn.Linear(config.intermediate_size, h)
+        self.ln_ff = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.drop = nn.Dropout(config.hidden_dropout_prob)
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, x: Tensor, attn_bias: Tensor | None) -> Tensor:
+        b, s, h = x.shape
+        qkv = self.qkv(x).view(b, s, 3, self.n_head, self.head_dim)  # (B, S, 3, nh, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, S, hd), views, no copy
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias, dropout_p=self.attn_dropout if self.training else 0.0
+        )  # (B, nh, S, hd)
+        y = y.transpose(1, 2).reshape(b, s, h)  # (B, S, H)
+        x = self.ln_attn(x + self.drop(self.attn_out(y)))
+        return self.ln_ff(x + self.drop(self.ff_out(self.act(self.ff_in(x)))))
+
+
+class _Pretrained(nn.Module):
+    """Checkpoint I/O shared by all Splinter models (the work lives in splinter/checkpoint.py)."""
+
+    config: SplinterConfig
+    has_qass: bool = False
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> Any:
+        """Load a transformers-format Splinter checkpoint directory (safetensors, sharded or .bin)."""
+        from splinter.checkpoint import load_pretrained
+
+        return load_pretrained(cls, directory, dtype=dtype, device=device)
+
+    @classmethod
+    def from_bert(
+        cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> Any:
+        """Start Splinter from any BERT-family checkpoint directory (QASS head freshly initialised)."""
+        from splinter.checkpoint import load_from_bert
+
+        return load_from_bert(cls, directory, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
+        """Write model.safetensors (transformers key names) + config.json (+ the tokenizer's files)."""
+        from splinter.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer=tokenizer)
+
+    def init_weights(self) -> None:
+        init_weights(self, self.config.initializer_range)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class SplinterModel(_Pretrained):
+    """The encoder: embeddings + post-LN transformer layers; returns last_hidden_state (B, S, H)."""
+
+    # Input checks cost one small host sync per call; trusted hot loops may switch them off.
+    check_inputs: bool = True
+
+    def __init__(self, config: SplinterConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.wte = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
+        self.wpe = nn.Embedding(config.max_position_embeddings, h)
+        self.wtt = nn.Embedding(config.type_vocab_size, h)
+        self.ln_emb = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.drop = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        init_weights(self, config.initializer_range)
+
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """The forward pass without input checks; returns (B, S, H)."""
+        s = input_ids.shape[1]
+        # Without explicit ids, add the type-0 row and the first S position rows by broadcasting
+        # instead of gathering (B, S, H) copies.
+        tt = self.wtt.weight[0] if token_type_ids is None else self.wtt(token_type_ids)  # (H) | (B, S, H)
+        pos = self.wpe.weight[:s] if position_ids is None else self.wpe(position_ids)  # (S, H) | (B, S, H)
+        x = self.drop(self.ln_emb(self.wte(input_ids) + tt + pos))  # (B, S, H)
+        attn_bias = None  # no mask: SDPA's fast path, nothing (B, h, S, S) is ever materialised
+        if attention_mask is not None:
+            # Additive bias (B, 1, 1, S) broadcast over heads and queries. An additive finfo.min (rather
+            # than a boolean mask) keeps an all-padding row finite, as in transformers.
+            keep = attention_mask.to(dtype=x.dtype)
+            attn_bias = ((1.0 - keep) * torch.finfo(x.dtype).min)[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.layers:
+            x = layer(x, attn_bias)
+        return x
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> SplinterOutput:
+        if self.check_inputs:
+            validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        return SplinterOutput(self.encode(input_ids, attention_mask, token_type_ids, position_ids))
+
+
+# ------------------------------------------------------------------------------------------------ QASS head
+class FullyConnected(nn.Module):
+    """LayerNorm(gelu(Linear(x))) with torch's default eps (see QASS_LAYER_NORM_EPS)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.ln = nn.LayerNorm(hidden, eps=QASS_LAYER_NORM_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ln(F.gelu(self.dense(x)))
+
+
+class QASSHead(nn.Module):
+    """Question-aware span selection: logits[b, q, s] = qs[b, q] . W . x_s[b, s] (start; end likewise)."""
+
+    def __init__(self, config: SplinterConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.q_start = FullyConnected(h)
+        self.q_end = FullyConnected(h)
+        self.start = FullyConnected(h)
+        self.end = FullyConnected(h)
+        self.start_bilinear = nn.Linear(h, h, bias=False)
+        self.end_bilinear = nn.Linear(h, h, bias=False)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        b, q = positions.shape
+        index = positions.unsqueeze(-1).expand(b, q, hidden.shape[-1])  # (B, Q, H)
+        questions = torch.gather(hidden, 1, index)  # (B, Q, H)
+        qs = self.start_bilinear(self.q_start(questions))  # (B, Q, H)
+        qe = self.end_bilinear(self.q_end(questions))  # (B, Q, H)
+        start_logits = torch.matmul(
+            qs, self.start(hidden).transpose(1, 2)
+        )  # (B, Q, H) @ (B, H, S) -> (B, Q, S)
+        end_logits = torch.matmul(qe, self.end(hidden).transpose(1, 2))  # (B, Q, S)
+        return start_logits, end_logits
+
+
+def mask_logits(logits: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Set padded key positions of (B, Q, S) logits to finfo.min (mask broadcast as (B, 1, S)).
+
+    transformers adds a (B, S) mask to (B, Q, S) logits, which lines the batch axis up with Q when Q > 1;
+    we broadcast over questions explicitly instead.
+    """
+    if attention_mask is None:
+        return logits
+    pad = (attention_mask == 0)[:, None, :]  # (B, 1, S)
+    return logits.masked_fill(pad, torch.finfo(logits.dtype).min)
+
+
+def question_answering_loss(
+    start_logits: Tensor, end_logits: Tensor, start_positions: Tensor, end_positions: Tensor
+) -> Tensor:
+    """transformers' QA loss: labels clamped to [0, S], S ignored, mean of start and end cross-entropy.
+
+    Logits are (B, S) with labels (B,) or (B, 1), or (B, Q, S) with labels (B, Q).
+    """
+    s = start_logits.shape[-1]
+    losses = []
+    for logits, labels in ((start_logits, start_positions), (end_logits, end_positions)):
+        if logits.dim() == 2 and labels.dim() > 1:
+            labels = labels.squeeze(-1)
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"span labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])} "
+                "(one start and one end index per question)"
+            )
+        labels = labels.clamp(0, s)  # out-of-window answers become the ignored index S
+        losses.append(F.cross_entropy(logits.reshape(-1, s), labels.reshape(-1), ignore_index=s))
+    return (losses[0] + losses[1]) / 2
+
+
+def pretraining_loss(
+    start_logits: Tensor,
+    end_logits: Tensor,
+    start_positions: Tensor,
+    end_positions: Tensor,
+    ignore_index: int = 0,
+) -> Tensor:
+    """transformers' recurring-span loss over (B, Q, S) logits and (B, Q) labels.
+
+    Labels are clamped to [0, S-1]; label `ignore_index` (the pad id 0, i.e. [CLS]) marks padded questions.
+    """
+    b, q, s = start_logits.shape
+    losses = []
+    for logits, labels in ((start_logits, start_positions), (end_logits, end_positions)):
+        if labels.shape != (b, q):
+            raise ValueError(
+                f"span labels have shape {tuple(labels.shape)}, expected {(b, q)} (one per question)"
+            )
+        labels = labels.clamp(0, max(0, s - 1))
+        losses.append(
+            F.cross_entropy(logits.reshape(b * q, s), labels.reshape(b * q), ignore_index=ignore_index)
+        )
+    return (losses[0] + losses[1]) / 2
+
+
+def first_question_positions(input_ids: Tensor, question_token_id: int) -> Tensor:
+    """(B, 1): index of the first [QUESTION] per row, 0 (i.e. [CLS]) where there is none."""
+    return (input_ids == question_token_id).to(torch.uint8).argmax(dim=-1, keepdim=True)
+
+
+def all_question_positions(input_ids: Tensor, question_token_id: int, pad_position: int = 0) -> Tensor:
+    """(B, Q): every [QUESTION] index per row in order, right-padded with `pad_position`.
+
+    Q is the largest count in the batch (at least 1, so a batch without questions still gets one
+    padded column, which the loss then ignores).
+    """
+    b, s = input_ids.shape
+    is_q = input_ids == question_token_id  # (B, S)
+    q = max(1, int(is_q.sum(dim=1).max()))
+    idx = torch.arange(s, device=input_ids.device).expand(b, s)  # (B, S)
+    # Non-question slots sort after every real index (key s), so the first Q columns hold questions in order.
+    keys = torch.where(is_q, idx, s).sort(dim=1).values[:, :q]  # (B, Q)
+    return keys.masked_fill(keys == s, pad_position)
+
+
+# ------------------------------------------------------------------------------------------------ task models
+class _WithQASS(_Pretrained):
+    has_qass = True
+
+    def __init__(self, config: SplinterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.splinter = SplinterModel(config)
+        self.qass = QASSHead(config)
+
+    def _encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        token_type_ids: Tensor | None,
+        position_ids: Tensor | None,
+        question_positions: Tensor | None,
+    ) -> Tensor:
+        if self.splinter.check_inputs:
+            validate_inputs(
+                self.config, input_ids, attention_mask, token_type_ids, position_ids, question_positions
+            )
+        return self.splinter.encode(input_ids, attention_mask, token_type_ids, position_ids)
+
+
+class SplinterForQuestionAnswering(_WithQASS):
+    """Encoder + QASS head for extractive QA (transformers' SplinterForQuestionAnswering math)."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        question_positions: Tensor | None = None,
+        start_positions: Tensor | None = None,
+        end_positions: Tensor | None = None,
+    ) -> SplinterOutput:
+        """Logits are (B, S) for the first [QUESTION] per row when question_positions is None, else (B, Q, S).
+
+        Loss (when both start_positions and end_positions are given): labels (B,) for (B, S) logits or
+        (B, Q) for (B, Q, S) logits; out-of-range labels are clamped to S and ignored.
+        """
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("pass both start_positions and end_positions to compute the loss, or neither")
+        hidden = self._encode(input_ids, attention_mask, token_type_ids, position_ids, question_positions)
+        squeeze = question_positions is None
+        if squeeze:
+            question_positions = first_question_positions(input_ids, self.config.question_token_id)  # (B, 1)
+        start_logits, end_logits = self.qass(hidden, question_positions)  # (B, Q, S)
+        start_logits = mask_logits(start_logits, attention_mask)
+        end_logits = mask_logits(end_logits, attention_mask)
+        if squeeze:
+            start_logits, end_logits = start_logits.squeeze(1), end_logits.squeeze(1)  # (B, S)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        return SplinterOutput(hidden, start_logits, end_logits, loss)
+
+
+class SplinterForPreTraining(_WithQASS):
+    """Encoder + QASS head for recurring span selection (transformers' SplinterForPreTraining math)."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        question_positions: Tensor | None = None,
+        start_positions: Tensor | None = None,
+        end_positions: Tensor | None = None,
+    ) -> SplinterOutput:
+        """Logits (B, Q, S); without question_positions, Q covers every [QUESTION] (right-padded with 0).
+
+        Labels are (B, Q); padded questions carry label 0 and are ignored by the loss.
+        """
+        if question_positions is None and (start_positions is not None or end_positions is not None):
+            raise TypeError("question_positions must be specified in order to calculate the loss")
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("pass both start_positions and end_positions to compute the loss, or neither")
+        hidden = self._encode(input_ids, attention_mask, token_type_ids, position_ids, question_positions)
+        if question_positions is None:
+            question_positions = all_question_positions(
+                input_ids, self.config.question_token_id, self.config.pad_token_id
+            )
+        start_logits, end_logits = self.qass(hidden, question_positions)  # (B, Q, S)
+        start_logits = mask_logits(start_logits, attention_mask)
+        end_logits = mask_logits(end_logits, attention_mask)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = pretraining_loss(
+                start_logits,
+                end_logits,
+                start_positions,
+                end_positions,
+                ignore_index=self.config.pad_token_id,
+            )
+        return SplinterOutput(hidden, start_logits, end_logits, loss)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_flops_per_token(config: SplinterConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of encoder + QASS (2 per multiply-add; embeddings and norms ignored)."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_layer = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * seq_len * h  # projections + QK^T and AV
+    qass = 2 * (2 * h * h) + 2 * 2 * h  # start/end transforms over all tokens + one logit column each
+    return float(layers * per_layer + qass)
+
+
+__all__ = [
+    "SplinterOutput",
+    "SplinterModel",
+    "SplinterForQuestionAnswering",
+    "SplinterForPreTraining",
+    "QASSHead",
+    "validate_inputs",
+    "question_answering_loss",
+    "pretraining_loss",
+    "first_question_positions",
+    "all_question_positions",
+    "mask_logits",
+    "count_parameters",
+    "model_flops_per_token",
+    "init_weights",
+]
