@@ -1,0 +1,460 @@
+"""Bulk extractive QA: tokenize into windows -> model + exact span decoding -> answer text.
+
+Every stage keeps ONE ROW PER QUESTION, in order: a question's windows travel inside its row as
+flat 1-D arrays (Arrow list columns), never as extra rows, so nothing needs regrouping and no row
+can be lost. Rows that cannot be answered keep their place and carry an `error` reason.
+
+Columns (all stages also pass `id` and `question` through):
+
+QATokenize  in : id, question, context (object; values may be None / not str / empty)
+            out: id, question, context, error (str, "" if fine), num_windows (int32),
+                 window_lengths (int32[num_windows]), input_ids (int32[sum of lengths]),
+                 token_type_ids (int8[...]), offsets (int32[2 * sum of lengths]: char start/end
+                 per token, -1 for tokens outside the context)
+QAModel     in : the above
+            out: id, question, context, error, best_window, start_token, end_token, start_char,
+                 end_char (int32, -1 if none), score (float32, NaN if none); with n_best > 0 also
+                 nbest_start_char, nbest_end_char (int32[k]), nbest_scores, nbest_probabilities (float32[k])
+QAPostprocess in : the above
+            out: id, question, answer (str | None), start_char, end_char (int32, -1 if none),
+                 score (float32, NaN if none), error (str | None); with n_best > 0 also
+                 nbest_answers (a list of k str: Arrow list<string>; a numpy object array of str
+                 would be pickled by Ray), nbest_scores, nbest_probabilities (float32[k]),
+                 nbest_start_char, nbest_end_char (int32[k])
+
+Token -> character mapping happens inside QAModel, where the offsets are at hand, so the heavy
+token columns (ids, types, offsets) are dropped there and only a few scalars per question move to
+the postprocess stage, which turns character spans into text and the final schema.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.resources import Resources
+from splinter.decode import NO_VALID_SPAN, best_spans
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QATokenize", "QAModel", "QAPostprocess"]
+
+_INPUT_COLUMNS = ("id", "question", "context")
+_PAD_MULTIPLE = 8
+_PAIR_SPECIAL_TOKENS = 5  # [CLS] question [QUESTION] . [SEP] context [SEP]  # tensor cores and oneDNN kernels like sequence lengths that are multiples of 8
+
+
+def _object_array(values: list[Any]) -> np.ndarray:
+    """A 1-D object array, even when every element is itself an array of the same length."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):  # element-wise: slice assignment would broadcast equal-length lists
+        out[i] = value
+    return out
+
+
+def _strings_or_none(values: np.ndarray) -> np.ndarray:
+    return _object_array([v if isinstance(v, str) else None for v in values])
+
+
+def _column(batch: dict[str, np.ndarray], name: str, stage: str) -> np.ndarray:
+    if name not in batch:
+        raise ValueError(
+            f"{stage} needs a {name!r} column; the batch has {sorted(batch)}. "
+            "Rename the input columns (ExtractConfig.id_column / question_column / context_column)."
+        )
+    return np.asarray(batch[name])
+
+
+def _flat(values: np.ndarray, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate a column of 1-D arrays; also return each row's length."""
+    parts = [np.asarray(v, dtype=dtype).reshape(-1) for v in values]
+    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    return flat.astype(dtype, copy=False), lengths
+
+
+# ------------------------------------------------------------------------------------------------ tokenize
+class QATokenize:
+    """CPU task stage: (question, context) rows -> the question's overlapping windows, flattened into the row."""
+
+    resources = Resources(num_cpus=1, batch_size=256)
+
+    def __init__(
+        self,
+        tokenizer: str,
+        max_length: int = 384,
+        stride: int = 128,
+        max_query_length: int = 64,
+        max_context_chars: int = 100_000,
+    ) -> None:
+        from splinter.tokenizer import SplinterTokenizer
+
+        if max_context_chars < 1:
+            raise ValueError(f"max_context_chars must be >= 1, got {max_context_chars}")
+        if max_query_length < 1:
+            raise ValueError(f"max_query_length must be >= 1, got {max_query_length}")
+        # Checked once here so that no question in a batch can make the tokenizer reject the whole batch.
+        room = max_length - max_query_length - _PAIR_SPECIAL_TOKENS
+        if not 0 <= stride < room:
+            raise ValueError(
+                f"stride must be in [0, max_length - max_query_length - {_PAIR_SPECIAL_TOKENS}) = [0, {room}); "
+                f"got stride={stride}, max_length={max_length}, max_query_length={max_query_length}"
+            )
+        self.tokenizer = SplinterTokenizer.from_pretrained(tokenizer)
+        self.max_length = max_length
+        self.stride = stride
+        self.max_query_length = max_query_length
+        self.max_context_chars = max_context_chars
+
+    def _row_error(self, question: Any, context: Any) -> str:
+        if question is None:
+            return "missing_question"
+        if not isinstance(question, str):
+            return "question_not_string"
+        if not question.strip():
+            return "empty_question"
+        if context is None:
+            return "missing_context"
+        if not isinstance(context, str):
+            return "context_not_string"
+        if not context.strip():
+            return "empty_context"
+        if len(context) > self.max_context_chars:
+            return "context_too_long"
+        return ""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = _column(batch, "id", "QATokenize")
+        questions = _column(batch, "question", "QATokenize")
+        contexts = _column(batch, "context", "QATokenize")
+        n = len(questions)
+        errors = [self._row_error(q, c) for q, c in zip(questions, contexts, strict=True)]
+        good = [i for i in range(n) if not errors[i]]
+        enc = self.tokenizer.encode_qa_windows(
+            [questions[i] for i in good],
+            [contexts[i] for i in good],
+            max_length=self.max_length,
+            stride=self.stride,
+            max_query_length=self.max_query_length,
+        )
+        per_row = _split_windows(enc, len(good))
+        empty_i32 = np.zeros(0, dtype=np.int32)
+        cols: dict[str, list[Any]] = {k: [empty_i32] * n for k in ("window_lengths", "input_ids", "offsets")}
+        cols["token_type_ids"] = [np.zeros(0, dtype=np.int8)] * n
+        num_windows = np.zeros(n, dtype=np.int32)
+        for j, i in enumerate(good):
+            lengths, input_ids, type_ids, offsets = per_row[j]
+            if lengths.size == 0:  # e.g. a context that tokenizes to nothing (only control characters)
+                errors[i] = "no_context_tokens"
+                continue
+            num_windows[i] = lengths.size
+            cols["window_lengths"][i] = lengths
+            cols["input_ids"][i] = input_ids
+            cols["token_type_ids"][i] = type_ids
+            cols["offsets"][i] = offsets
+        # Non-string values are replaced by None (their `error` says what they were) so these columns
+        # stay plain Arrow strings instead of pickled Python objects.
+        out = {"id": ids, "question": _strings_or_none(questions), "context": _strings_or_none(contexts)}
+        out["error"] = _object_array(errors)
+        out["num_windows"] = num_windows
+        for name, values in cols.items():
+            out[name] = _object_array(values)
+        return out
+
+
+def _split_windows(enc: dict[str, np.ndarray], num_rows: int) -> list[tuple[np.ndarray, ...]]:
+    """Group the tokenizer's padded (W, L) window arrays by question: (lengths, ids, types, offsets) per row."""
+    lengths = np.asarray(enc["lengths"], dtype=np.int32)
+    sample = np.asarray(enc["sample_index"], dtype=np.int64)
+    if np.any(np.diff(sample) < 0):
+        raise RuntimeError("tokenizer returned windows out of question order")
+    # Row-major boolean indexing strips the padding and concatenates the windows in order.
+    real = np.arange(enc["input_ids"].shape[1])[None, :] < lengths[:, None]  # (W, L)
+    ids = enc["input_ids"][real].astype(np.int32, copy=False)
+    types = enc["token_type_ids"][real].astype(np.int8)
+    offsets = enc["offsets"][real].astype(np.int32, copy=False).reshape(-1)  # (T * 2,)
+    # Window w spans flat tokens [tok_bounds[w], tok_bounds[w + 1]).
+    tok_bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    win_bounds = np.searchsorted(sample, np.arange(num_rows + 1), side="left")
+    rows = []
+    for r in range(num_rows):
+        w0, w1 = win_bounds[r], win_bounds[r + 1]
+        t0, t1 = tok_bounds[w0], tok_bounds[w1]
+        rows.append((lengths[w0:w1], ids[t0:t1], types[t0:t1], offsets[2 * t0 : 2 * t1]))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- model
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'")
+    return resolved
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 keeps fp32's range (no overflow in the logits) at half the memory traffic; CPUs without
+        # native bf16 matmuls are slower in it, so CPU stays fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+class QAModel:
+    """Actor stage: run Splinter over every window of the batch and decode each question's exact best span.
+
+    Windows from all questions of the batch are sorted by length and cut into micro-batches padded only
+    to their own longest window (rounded up to a multiple of 8), so short questions never pay for long
+    ones; logits are put back in window order and decoded on the model's device in one pass.
+    """
+
+    resources = Resources(num_cpus=1, num_gpus=0, batch_size=256, actors=1)
+
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        micro_batch_tokens: int | None = None,
+        micro_batch_size: int | None = None,
+        max_answer_length: int = 30,
+        n_best: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
+        from splinter.model import SplinterForQuestionAnswering
+
+        if max_answer_length < 1:
+            raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
+        if n_best < 0:
+            raise ValueError(f"n_best must be >= 0, got {n_best}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu":
+            # An actor owns its CPU share; without this torch would spread over every core of the node
+            # and oversubscribe it with the other actors and tokenize tasks.
+            torch.set_num_threads(max(1, num_threads or math.ceil(type(self).resources.num_cpus)))
+        self.model = SplinterForQuestionAnswering.from_pretrained(model, dtype=self.dtype, device=self.device)
+        self.model.eval()
+        # Inputs are checked on the host in __call__ (cheap numpy) instead of once per micro-batch on the
+        # device, which would cost a device->host sync each time.
+        self.model.splinter.check_inputs = False
+        self.config = self.model.config
+        if micro_batch_tokens is None and micro_batch_size is None:
+            micro_batch_tokens = 32768 if self.device.type == "cuda" else 8192
+        self.micro_batch_tokens = micro_batch_tokens
+        self.micro_batch_size = micro_batch_size
+        self.max_answer_length = max_answer_length
+        self.n_best = n_best
+
+    def _micro_batches(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """(window indices, padded length) per micro-batch, longest windows first."""
+        order = np.argsort(-lengths, kind="stable")
+        batches = []
+        i = 0
+        while i < order.size:
+            pad_len = int(-(-lengths[order[i]] // _PAD_MULTIPLE) * _PAD_MULTIPLE)  # longest in this batch
+            if self.micro_batch_size is not None:
+                count = self.micro_batch_size
+            else:
+                count = max(1, self.micro_batch_tokens // pad_len)
+            batches.append((order[i : i + count], pad_len))
+            i += count
+        return batches
+
+    @torch.inference_mode()
+    def _logits(
+        self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, seq_len) fp32 start and end logits on the device, in window order."""
+        num_windows = lengths.size
+        start = torch.zeros((num_windows, seq_len), dtype=torch.float32, device=self.device)
+        end = torch.zeros((num_windows, seq_len), dtype=torch.float32, device=self.device)
+        positions = np.arange(seq_len)
+        for windows, pad_len in self._micro_batches(lengths):
+            batch_ids = torch.from_numpy(ids[windows, :pad_len]).to(self.device, non_blocking=True)
+            batch_types = torch.from_numpy(types[windows, :pad_len]).to(self.device, non_blocking=True)
+            mask = positions[None, :pad_len] < lengths[windows, None]
+            batch_mask = torch.from_numpy(mask).to(self.device, non_blocking=True)
+            out = self.model(
+                batch_ids.long(), attention_mask=batch_mask.long(), token_type_ids=batch_types.long()
+            )
+            rows = torch.from_numpy(windows).to(self.device)
+            start[rows, :pad_len] = out.start_logits.float()
+            end[rows, :pad_len] = out.end_logits.float()
+        return start, end
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in ("error", "window_lengths", "input_ids", "token_type_ids", "offsets"):
+            _column(batch, name, "QAModel")
+        errors = [str(e) if e is not None else "" for e in batch["error"]]
+        n = len(errors)
+        lengths, windows_per_row = _flat(batch["window_lengths"], np.int64)
+        flat_ids, _ = _flat(batch["input_ids"], np.int64)
+        flat_types, _ = _flat(batch["token_type_ids"], np.int64)
+        flat_offsets, _ = _flat(batch["offsets"], np.int32)
+        num_windows, total = lengths.size, int(lengths.sum())
+        if flat_ids.size != total or flat_types.size != total or flat_offsets.size != 2 * total:
+            raise ValueError(
+                "QAModel: input_ids / token_type_ids / offsets do not match window_lengths; "
+                "feed it QATokenize's output unchanged"
+            )
+        seq_len = int(lengths.max()) if num_windows else 0
+        seq_len = -(-seq_len // _PAD_MULTIPLE) * _PAD_MULTIPLE
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"windows of {int(lengths.max())} tokens exceed the model's max_position_embeddings="
+                f"{self.config.max_position_embeddings}; lower QATokenize's max_length"
+            )
+        if total and (flat_ids.min() < 0 or flat_ids.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids outside the model's vocabulary (vocab_size={self.config.vocab_size}): "
+                "the tokenizer does not belong to this model; pass the model's own tokenizer directory"
+            )
+
+        # Window w of the batch belongs to row question_index[w]; its token t is flat token tok0[w] + t.
+        question_index = np.repeat(np.arange(n), windows_per_row)
+        tok0 = np.concatenate([[0], np.cumsum(lengths)])[:-1].astype(np.int64)
+        # Scatter the flat tokens into (W, seq_len) padded arrays in one vectorised step.
+        win_of_tok = np.repeat(np.arange(num_windows), lengths)
+        col_of_tok = np.arange(total) - np.repeat(tok0, lengths)
+        ids = np.zeros((num_windows, seq_len), dtype=np.int64)
+        ids[win_of_tok, col_of_tok] = flat_ids
+        types = np.zeros((num_windows, seq_len), dtype=np.int64)
+        types[win_of_tok, col_of_tok] = flat_types
+        offsets = flat_offsets.reshape(total, 2)
+        valid = np.zeros((num_windows, seq_len), dtype=bool)
+        valid[win_of_tok, col_of_tok] = offsets[:, 0] >= 0
+
+        start_logits, end_logits = self._logits(ids, types, lengths, seq_len)
+        spans = best_spans(
+            start_logits,
+            end_logits,
+            torch.from_numpy(valid).to(self.device),
+            torch.from_numpy(question_index).to(self.device),
+            num_questions=n,
+            max_answer_length=self.max_answer_length,
+            n_best=self.n_best,
+        )
+        window = spans.window.cpu().numpy()
+        found = window >= 0
+        safe_window = np.where(found, window, 0)
+        start_tok = spans.start.cpu().numpy()
+        end_tok = spans.end.cpu().numpy()
+        score = spans.score.cpu().numpy().astype(np.float32)
+        # Positions within the window are reported relative to the row's own windows.
+        row_first_window = np.concatenate([[0], np.cumsum(windows_per_row)])[:-1]
+        out: dict[str, np.ndarray] = {k: batch[k] for k in _INPUT_COLUMNS if k in batch}
+        for i in range(n):
+            if not found[i] and not errors[i]:
+                errors[i] = NO_VALID_SPAN
+        out["error"] = _object_array(errors)
+        out["best_window"] = np.where(found, window - row_first_window, -1).astype(np.int32)
+        out["start_token"] = np.where(found, start_tok, -1).astype(np.int32)
+        out["end_token"] = np.where(found, end_tok, -1).astype(np.int32)
+        if num_windows:
+            g_start = tok0[safe_window] + np.maximum(start_tok, 0)
+            g_end = tok0[safe_window] + np.maximum(end_tok, 0)
+            out["start_char"] = np.where(found, offsets[g_start, 0], -1).astype(np.int32)
+            out["end_char"] = np.where(found, offsets[g_end, 1], -1).astype(np.int32)
+        else:
+            out["start_char"] = np.full(n, -1, dtype=np.int32)
+            out["end_char"] = np.full(n, -1, dtype=np.int32)
+        out["score"] = np.where(found, score, np.nan).astype(np.float32)
+        if self.n_best:
+            out.update(self._nbest_columns(spans, tok0, offsets))
+        return out
+
+    def _nbest_columns(self, spans: Any, tok0: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+        count = spans.nbest_count.cpu().numpy()
+        window = spans.nbest_window.cpu().numpy()
+        start = spans.nbest_start.cpu().numpy()
+        end = spans.nbest_end.cpu().numpy()
+        scores = spans.nbest_score.cpu().numpy().astype(np.float32)
+        probs = spans.nbest_prob.cpu().numpy().astype(np.float32)
+        ok = window >= 0
+        if offsets.size:
+            g_start = tok0[np.where(ok, window, 0)] + np.maximum(start, 0)
+            g_end = tok0[np.where(ok, window, 0)] + np.maximum(end, 0)
+            start_char = np.where(ok, offsets[g_start, 0], -1).astype(np.int32)
+            end_char = np.where(ok, offsets[g_end, 1], -1).astype(np.int32)
+        else:
+            start_char = end_char = np.full(window.shape, -1, dtype=np.int32)
+        rows = range(len(count))
+        return {
+            "nbest_start_char": _object_array([start_char[i, : count[i]] for i in rows]),
+            "nbest_end_char": _object_array([end_char[i, : count[i]] for i in rows]),
+            "nbest_scores": _object_array([scores[i, : count[i]] for i in rows]),
+            "nbest_probabilities": _object_array([probs[i, : count[i]] for i in rows]),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- postprocess
+class QAPostprocess:
+    """CPU task stage: character spans -> answer text and the final output columns."""
+
+    resources = Resources(num_cpus=1, batch_size=256)
+
+    def __init__(self, n_best: int = 0) -> None:
+        if n_best < 0:
+            raise ValueError(f"n_best must be >= 0, got {n_best}")
+        self.n_best = n_best
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in ("context", "error", "start_char", "end_char", "score"):
+            _column(batch, name, "QAPostprocess")
+        contexts = batch["context"]
+        start = np.asarray(batch["start_char"], dtype=np.int32)
+        end = np.asarray(batch["end_char"], dtype=np.int32)
+        n = len(contexts)
+        answers: list[str | None] = [None] * n
+        errors: list[str | None] = [str(e) if e else None for e in batch["error"]]
+        for i in range(n):
+            if errors[i] is None and start[i] >= 0:
+                answers[i] = contexts[i][start[i] : end[i]]
+        found = np.array([a is not None for a in answers], dtype=bool)
+        out: dict[str, np.ndarray] = {}
+        for name in ("id", "question"):
+            if name in batch:
+                out[name] = batch[name]
+        out["answer"] = _object_array(answers)
+        out["start_char"] = np.where(found, start, -1).astype(np.int32)
+        out["end_char"] = np.where(found, end, -1).astype(np.int32)
+        out["score"] = np.where(found, np.asarray(batch["score"], dtype=np.float32), np.nan).astype(
+            np.float32
+        )
+        out["error"] = _object_array(errors)
+        if self.n_best:
+            for name in ("nbest_start_char", "nbest_end_char", "nbest_scores", "nbest_probabilities"):
+                _column(batch, name, "QAPostprocess (n_best > 0 needs QAModel(n_best > 0))")
+            texts = []
+            for i in range(n):
+                ctx = contexts[i]
+                pairs = zip(batch["nbest_start_char"][i], batch["nbest_end_char"][i], strict=True)
+                texts.append([ctx[s:e] for s, e in pairs])
+            out["nbest_answers"] = _object_array(texts)
+            out["nbest_scores"] = _object_array(
+                [np.asarray(v, dtype=np.float32) for v in batch["nbest_scores"]]
+            )
+            out["nbest_probabilities"] = _object_array(
+                [np.asarray(v, dtype=np.float32) for v in batch["nbest_probabilities"]]
+            )
+            out["nbest_start_char"] = _object_array(
+                [np.asarray(v, dtype=np.int32) for v in batch["nbest_start_char"]]
+            )
+            out["nbest_end_char"] = _object_array(
+                [np.asarray(v, dtype=np.int32) for v in batch["nbest_end_char"]]
+            )
+        return out
