@@ -17,13 +17,15 @@ class Resources:
     num_gpus: float = 0.0
     batch_size: int = 256
     actors: int = 0
+    # For task stages: at most this many concurrent tasks (0 = as many as the CPUs allow).
+    tasks: int = 0
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError(f"resources must be non-negative, got cpus={self.num_cpus} gpus={self.num_gpus}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.actors < 0:
-            raise ValueError(f"actors must be >= 0, got {self.actors}")
+        if self.actors < 0 or self.tasks < 0:
+            raise ValueError(f"actors and tasks must be >= 0, got {self.actors} and {self.tasks}")
         if self.num_gpus > 0 and self.actors == 0:
             raise ValueError("a GPU stage must run as an actor pool (actors >= 1) so the model loads once")

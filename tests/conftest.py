@@ -30,6 +30,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # Workers must import test-only stage classes (pickled by reference) from tests/.
+        paths = [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         # address="local" never attaches to a `ray start` cluster a cluster test may have left up.
         ray.init(
             address="local",

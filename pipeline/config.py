@@ -1,0 +1,169 @@
+"""Job configurations: one dataclass per job, validated before any work starts.
+
+The CLI, `jobs/*.py` and Python callers all build these; a YAML or TOML file may supply any field
+(`MineConfig.from_file`), with explicit flags taking precedence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+
+FORMATS = ("auto", "parquet", "jsonl", "text", "textblocks", "wikiextractor", "squad")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the CLI prints it as one line."""
+
+
+@dataclass
+class RunConfig:
+    """Fields shared by both jobs: where data comes from, where it goes, how it is sharded."""
+
+    input: list[str] = field(default_factory=list)
+    output: str = ""
+    input_format: str = "auto"
+    # Rows per shard for Parquet / SQuAD, bytes per shard for JSONL. A shard is the unit of commit and resume.
+    shard_rows: int = 20_000
+    shard_bytes: int = 32 << 20
+    resume: bool = False
+    overwrite: bool = False
+    # "auto": RAY_ADDRESS if set, else an embedded local Ray; "none": a plain local loop without Ray.
+    ray_address: str | None = None
+    local: bool = False
+    num_cpus: int | None = None
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("no input given: pass one or more files, directories, globs or URIs")
+        if not self.output:
+            raise ConfigError("no output given: pass a directory path or URI for the Parquet output")
+        if self.input_format not in FORMATS:
+            raise ConfigError(f"input_format must be one of {', '.join(FORMATS)}; got {self.input_format!r}")
+        if self.shard_rows < 1 or self.shard_bytes < 1024:
+            raise ConfigError("shard_rows must be >= 1 and shard_bytes >= 1024")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pick one")
+        for path in self.input:
+            if "://" not in path and not any(ch in path for ch in "*?[") and not os.path.exists(path):
+                raise ConfigError(f"input not found: {path}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"num_cpus must be >= 1, got {self.num_cpus}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> Self:
+        """Load fields from YAML (.yaml/.yml), TOML (.toml) or JSON; `overrides` that are not None win."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        text = p.read_text()
+        try:
+            if p.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif p.suffix == ".json":
+                data = json.loads(text)
+            else:
+                data = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot parse config file {p}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of field names to values")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        data = dict(data)
+        if isinstance(data.get("input"), str):
+            data["input"] = [data["input"]]
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MineConfig(RunConfig):
+    """Recurring-span pretraining data generation."""
+
+    text_column: str = "text"
+    id_column: str = "id"
+    tokenizer: str | None = None
+    seed: int = 12345
+    max_seq_length: int = 512
+    max_span_length: int = 10
+    max_questions: int = 30
+    layout: str = "collapsed"
+    num_workers: int | None = None
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        super().validate()
+        if self.layout not in ("collapsed", "original"):
+            raise ConfigError(f"layout must be 'collapsed' or 'original', got {self.layout!r}")
+        if not 16 <= self.max_seq_length <= 4096:
+            raise ConfigError(f"max_seq_length must be in [16, 4096], got {self.max_seq_length}")
+        if not 1 <= self.max_span_length <= 64:
+            raise ConfigError(f"max_span_length must be in [1, 64], got {self.max_span_length}")
+        if self.max_questions < 1:
+            raise ConfigError(f"max_questions must be >= 1, got {self.max_questions}")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.tokenizer and "://" not in self.tokenizer and not os.path.exists(self.tokenizer):
+            raise ConfigError(f"tokenizer not found: {self.tokenizer} (a directory or a vocab.txt)")
+
+
+@dataclass
+class ExtractConfig(RunConfig):
+    """Bulk extractive QA over (context, question) rows."""
+
+    model: str = ""
+    id_column: str = "id"
+    question_column: str = "question"
+    context_column: str = "context"
+    batch_size: int = 256
+    num_actors: int = 1
+    max_length: int = 384
+    stride: int = 128
+    max_query_length: int = 64
+    max_answer_length: int = 30
+    max_context_chars: int = 100_000
+    n_best: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise ConfigError("no model given: pass --model DIR (a Splinter checkpoint directory)")
+        if "://" not in self.model:
+            model = Path(self.model)
+            if not model.is_dir():
+                raise ConfigError(f"model directory not found: {model}")
+            if not (model / "config.json").is_file():
+                raise ConfigError(f"{model} has no config.json: is it a Splinter checkpoint directory?")
+        if self.batch_size < 1 or self.num_actors < 1:
+            raise ConfigError("batch_size and num_actors must be >= 1")
+        if not 32 <= self.max_length <= 4096:
+            raise ConfigError(f"max_length must be in [32, 4096], got {self.max_length}")
+        if not 0 <= self.stride < self.max_length // 2:
+            raise ConfigError(f"stride must be in [0, max_length/2), got {self.stride} for max_length {self.max_length}")
+        if self.max_answer_length < 1 or self.n_best < 0 or self.max_context_chars < 1:
+            raise ConfigError("max_answer_length and max_context_chars must be >= 1, n_best >= 0")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

@@ -1,0 +1,59 @@
+"""`splinter evaluate`: SQuAD v1.1 EM/F1 of an extraction output against gold answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+
+from pipeline.sources import filesystem
+from splinter.squad import evaluate, load_squad
+
+
+def _read_table(path: str) -> list[dict[str, Any]]:
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type.name == "NotFound":
+        raise FileNotFoundError(f"not found: {path}")
+    if inner.endswith((".jsonl", ".ndjson")):
+        with fs.open_input_stream(inner) as f:
+            return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    dataset = pads.dataset(inner, filesystem=fs, format="parquet",
+                           exclude_invalid_files=True, ignore_prefixes=["_", "."])
+    return dataset.to_table().to_pylist()
+
+
+def load_predictions(path: str) -> tuple[dict[str, str | None], bool]:
+    """(id -> answer, complete?) from an extraction output directory or Parquet file."""
+    fs, inner = filesystem(path)
+    complete = True
+    if fs.get_file_info(inner).type.name == "Directory":
+        complete = fs.get_file_info(f"{inner}/_SUCCESS").type.name == "File"
+    rows = _read_table(path)
+    if rows and "answer" not in rows[0]:
+        raise ValueError(f"{path} has no 'answer' column: is it the output of `splinter extract`?")
+    return {str(r["id"]): r.get("answer") for r in rows}, complete
+
+
+def load_gold(path: str) -> dict[str, list[str]]:
+    if path.endswith(".json") and Path(path).is_file():
+        return {r["id"]: r["answers"] for r in load_squad(path)}
+    rows = _read_table(path)
+    if rows and "answers" not in rows[0]:
+        raise ValueError(f"{path} needs 'id' and 'answers' (list of strings) columns, or be SQuAD JSON")
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        answers = r["answers"]
+        # SQuAD-style parquet (HF datasets) nests texts under answers.text.
+        out[str(r["id"])] = list(answers["text"]) if isinstance(answers, dict) else list(answers)
+    return out
+
+
+def evaluate_files(predictions: str, gold: str) -> dict[str, Any]:
+    preds, complete = load_predictions(predictions)
+    result: dict[str, Any] = dict(evaluate(preds, load_gold(gold)))
+    if not complete:
+        # Never let a partial run pass for a finished one.
+        result["warning"] = "predictions are incomplete (no _SUCCESS marker): the run did not finish"
+    return result

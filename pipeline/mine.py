@@ -1,0 +1,99 @@
+"""The recurring-span mining job: corpus -> Splinter pretraining examples (Parquet)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import MineConfig
+from pipeline.resources import Resources
+from pipeline.runner import JobSpec, StageSpec, init_ray, run
+from pipeline.schema import mining_schema
+from pipeline.sources import ReadOptions, expand_inputs, plan_shards
+from pipeline.stages.mine import RecurringSpanMiner
+from pipeline.stats import top_k
+
+TOP_NGRAMS = 200  # kept per shard; the merged top list is exact for n-grams frequent in every shard
+
+
+def summarize_mining(table: pa.Table) -> dict[str, Any]:
+    """Per-part statistics of written sequences (they add up across parts and shards)."""
+    nq = pc.list_value_length(table["question_positions"]).to_numpy(zero_copy_only=False)
+    ntok = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
+    hist = Counter(int(q) for q in nq)
+    spans = Counter(pc.list_flatten(table["masked_spans"]).to_pylist())
+    return {
+        "sequences": table.num_rows,
+        # Counting first sequences (not distinct ids) stays exact when a document spans two parts.
+        "documents_used": int(pc.sum(pc.equal(table["seq_index"], 0)).as_py() or 0),
+        "questions": int(nq.sum()),
+        "tokens": int(ntok.sum()),
+        "questions_per_sequence": {str(k): v for k, v in sorted(hist.items())},
+        "top_ngrams": top_k(dict(spans), TOP_NGRAMS),
+    }
+
+
+def mining_spec(cfg: MineConfig) -> JobSpec:
+    stage_kwargs = {
+        "tokenizer": cfg.tokenizer,
+        "seed": cfg.seed,
+        "max_seq_length": cfg.max_seq_length,
+        "max_span_length": cfg.max_span_length,
+        "max_questions": cfg.max_questions,
+        "layout": cfg.layout,
+    }
+    base = RecurringSpanMiner.resources
+    res = Resources(num_cpus=base.num_cpus, batch_size=cfg.batch_size, tasks=cfg.num_workers or 0)
+    config = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("output", "resume", "overwrite", "ray_address", "local", "num_workers", "num_cpus")}
+    return JobSpec(
+        name="mine",
+        read=ReadOptions(kind="documents", text_column=cfg.text_column, id_column=cfg.id_column),
+        stages=[StageSpec(RecurringSpanMiner, stage_kwargs, res)],
+        schema=mining_schema(cfg.layout),
+        reason_column="skip_reason",
+        drop_reason_rows=True,
+        summarize=summarize_mining,
+        config=config,
+    )
+
+
+def run_mine(cfg: MineConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
+    cfg.validate()
+    files = expand_inputs(cfg.input)
+    shards = plan_shards(files, cfg.input_format, cfg.shard_rows, cfg.shard_bytes)
+    spec = mining_spec(cfg)
+    if not cfg.local:
+        init_ray(cfg.ray_address, cfg.num_cpus or cfg.num_workers)
+    stats = run(spec, shards, cfg.output, engine="local" if cfg.local else "ray", resume=cfg.resume,
+                overwrite=cfg.overwrite, progress=progress)
+    stats["documents_read"] = stats.get("rows_in", 0)
+    stats["top_ngrams"] = top_k(stats.get("top_ngrams", {}), 50)
+    return stats
+
+
+def format_mining_summary(stats: dict[str, Any]) -> str:
+    seqs = stats.get("sequences", 0)
+    lines = [
+        f"{'documents read':<28}{stats.get('rows_in', 0):>12,}",
+        f"{'documents used':<28}{stats.get('documents_used', 0):>12,}",
+    ]
+    for reason, n in sorted(stats.get("skipped", {}).items()):
+        lines.append(f"{'  skipped: ' + reason:<28}{n:>12,}")
+    lines += [
+        f"{'sequences':<28}{seqs:>12,}",
+        f"{'tokens':<28}{stats.get('tokens', 0):>12,}",
+        f"{'questions':<28}{stats.get('questions', 0):>12,}",
+        f"{'questions per sequence':<28}{stats.get('questions', 0) / max(seqs, 1):>12.2f}",
+        f"{'seconds':<28}{stats.get('seconds', 0):>12.1f}",
+        f"{'documents / second':<28}{stats.get('rows_per_second', 0):>12,.1f}",
+        f"{'output':<28}{stats.get('output', '')}",
+        "top recurring n-grams: " + ", ".join(f"{k!r} ({v})" for k, v in list(stats.get("top_ngrams", {}).items())[:15]),
+    ]
+    return "\n".join(lines)

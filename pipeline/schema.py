@@ -1,0 +1,49 @@
+"""Output schemas, written once and passed explicitly to every Parquet write."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+_I32_LIST = pa.list_(pa.int32())
+
+
+def mining_schema(layout: str = "collapsed") -> pa.Schema:
+    """One row per pretraining sequence; feeds SplinterForPreTraining after padding (splinter.collate)."""
+    fields = [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("seq_index", pa.int32(), nullable=False),
+        pa.field("input_ids", _I32_LIST, nullable=False),
+        pa.field("attention_mask", _I32_LIST, nullable=False),
+        pa.field("token_type_ids", _I32_LIST, nullable=False),
+        pa.field("question_positions", _I32_LIST, nullable=False),
+        pa.field("start_positions", _I32_LIST, nullable=False),
+        pa.field("end_positions", _I32_LIST, nullable=False),
+        # The n-gram each [QUESTION] replaced, aligned with question_positions: for audit.
+        pa.field("masked_spans", pa.list_(pa.string()), nullable=False),
+    ]
+    if layout == "original":
+        # The authors' layout keeps span length with [PAD]s; positions skip them (exclusive cumsum of the mask).
+        fields.append(pa.field("position_ids", _I32_LIST, nullable=False))
+    return pa.schema(fields)
+
+
+def qa_schema(n_best: int = 0) -> pa.Schema:
+    """One row per input question; bad rows carry `error` and no answer."""
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("start_char", pa.int32()),
+        pa.field("end_char", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("error", pa.string()),
+    ]
+    if n_best:
+        fields += [
+            pa.field("nbest_answers", pa.list_(pa.string())),
+            pa.field("nbest_start_char", _I32_LIST),
+            pa.field("nbest_end_char", _I32_LIST),
+            pa.field("nbest_scores", pa.list_(pa.float32())),
+            pa.field("nbest_probabilities", pa.list_(pa.float32())),
+        ]
+    return pa.schema(fields)

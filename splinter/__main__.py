@@ -1,0 +1,3 @@
+from splinter.cli import main
+
+main()

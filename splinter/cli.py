@@ -1,0 +1,220 @@
+"""`splinter` command line: thin typer wrappers over the library functions.
+
+Every command is also a plain Python call (`pipeline.mine.run_mine`, `pipeline.extract.run_extract`,
+`splinter.squad.evaluate`, `pipeline.submit.submit`), so nothing here holds logic of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="splinter",
+    help="Splinter at corpus scale: mine recurring-span pretraining data, extract answers in bulk, "
+    "evaluate, and submit either job to a Ray cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Options shared by both jobs. Defaults are None so a config file's values survive unless a flag is given.
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/TOML/JSON file with any job field; flags override it.")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="Input format: auto, parquet, jsonl, text, textblocks, wikiextractor, squad.")]
+ShardRowsOpt = Annotated[int | None, typer.Option(help="Rows per shard (Parquet, SQuAD, text files); a shard is the unit of commit and resume.")]
+ShardBytesOpt = Annotated[int | None, typer.Option(help="Bytes per shard for JSONL inputs.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an interrupted run: keep committed shards, redo the rest.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing output directory first.")]
+LocalOpt = Annotated[bool, typer.Option("--local", help="Run the stages in a plain local loop, without Ray.")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded local Ray).")]
+CpusOpt = Annotated[int | None, typer.Option("--num-cpus", help="CPUs for the embedded local Ray (default: all).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines, only the summary.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    return lambda line: typer.echo(line, err=True)
+
+
+def _build(cls: type, config: Path | None, fields: dict[str, Any]) -> Any:
+    from pipeline.config import ConfigError
+
+    overrides = {k: v for k, v in fields.items() if v is not None and v is not False}
+    try:
+        return cls.from_file(config, **overrides) if config else cls.from_dict(overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.runner import OutputExistsError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        stats = fn(cfg, progress=_progress(quiet))
+    except (ConfigError, OutputExistsError) as exc:
+        _fail(str(exc))
+    typer.echo(formatter(stats))
+
+
+@app.command()
+def mine(
+    input: Annotated[str, typer.Argument(help="File, directory, glob or URI (file://, s3://...) of the corpus.")],
+    output: Annotated[str, typer.Argument(help="Output directory or URI for Parquet shards and stats.json.")],
+    config: ConfigOpt = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir or vocab.txt (default: bundled bert-base-cased + [QUESTION]).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; output is identical for the same seed and input.")] = None,
+    max_seq_length: Annotated[int | None, typer.Option(help="Tokens per sequence including [CLS]/[SEP] (default 512).")] = None,
+    max_span_length: Annotated[int | None, typer.Option(help="Longest recurring n-gram, in word pieces (default 10).")] = None,
+    max_questions: Annotated[int | None, typer.Option(help="Most [QUESTION] tokens per sequence (default 30).")] = None,
+    layout: Annotated[str | None, typer.Option(help="collapsed: one [QUESTION] per masked span; original: the authors' [QUESTION]+[PAD]s with position_ids.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Concurrent mining tasks (default: one per CPU).")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text field of Parquet/JSONL records (default 'text').")] = None,
+    id_column: Annotated[str | None, typer.Option(help="Document id field (default 'id'; a content hash when absent).")] = None,
+    input_format: FormatOpt = None,
+    shard_rows: ShardRowsOpt = None,
+    shard_bytes: ShardBytesOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    local: LocalOpt = False,
+    address: AddressOpt = None,
+    num_cpus: CpusOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate recurring-span selection pretraining examples (Splinter's objective) as Parquet."""
+    from pipeline.config import MineConfig
+    from pipeline.mine import format_mining_summary, run_mine
+
+    cfg = _build(MineConfig, config, dict(
+        input=[input], output=output, tokenizer=tokenizer, seed=seed, max_seq_length=max_seq_length,
+        max_span_length=max_span_length, max_questions=max_questions, layout=layout, num_workers=num_workers,
+        text_column=text_column, id_column=id_column, input_format=input_format, shard_rows=shard_rows,
+        shard_bytes=shard_bytes, resume=resume, overwrite=overwrite, local=local, ray_address=address,
+        num_cpus=num_cpus))
+    _run_job(run_mine, cfg, quiet, format_mining_summary)
+
+
+@app.command()
+def extract(
+    input: Annotated[str, typer.Argument(help="Parquet/JSONL rows (id, context, question) or SQuAD JSON; file, dir, glob or URI.")],
+    output: Annotated[str, typer.Argument(help="Output directory or URI for Parquet shards and stats.json.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Splinter checkpoint directory (config.json, weights, tokenizer files).")] = None,
+    config: ConfigOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Questions per batch handed to a model actor (default 256).")] = None,
+    num_actors: Annotated[int | None, typer.Option(help="Model actors (one per GPU on a GPU cluster; default 1).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per window (default 384).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Overlap between windows, in tokens (default 128).")] = None,
+    max_answer_length: Annotated[int | None, typer.Option(help="Longest answer, in tokens (default 30).")] = None,
+    max_context_chars: Annotated[int | None, typer.Option(help="Contexts longer than this get an error row (default 100000).")] = None,
+    n_best: Annotated[int | None, typer.Option(help="Also write the n best spans per question (default 0: off).")] = None,
+    id_column: Annotated[str | None, typer.Option(help="Id field (default 'id').")] = None,
+    question_column: Annotated[str | None, typer.Option(help="Question field; a list gives one row per question (default 'question').")] = None,
+    context_column: Annotated[str | None, typer.Option(help="Context field (default 'context').")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (GPU when present), cpu or cuda.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")] = None,
+    input_format: FormatOpt = None,
+    shard_rows: ShardRowsOpt = None,
+    shard_bytes: ShardBytesOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    local: LocalOpt = False,
+    address: AddressOpt = None,
+    num_cpus: CpusOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Answer every question over its context with a Splinter QA model; one output row per question."""
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import format_extract_summary, run_extract
+
+    cfg = _build(ExtractConfig, config, dict(
+        input=[input], output=output, model=model, batch_size=batch_size, num_actors=num_actors,
+        max_length=max_length, stride=stride, max_answer_length=max_answer_length,
+        max_context_chars=max_context_chars, n_best=n_best, id_column=id_column,
+        question_column=question_column, context_column=context_column, device=device, dtype=dtype,
+        input_format=input_format, shard_rows=shard_rows, shard_bytes=shard_bytes, resume=resume,
+        overwrite=overwrite, local=local, ray_address=address, num_cpus=num_cpus))
+    _run_job(run_extract, cfg, quiet, format_extract_summary)
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[str, typer.Argument(help="Output directory (or Parquet file) of `splinter extract`.")],
+    gold: Annotated[str, typer.Argument(help="SQuAD v1.1 JSON, or Parquet/JSONL with id and answers columns.")],
+) -> None:
+    """SQuAD v1.1 exact match and F1 (official normalisation) of predictions against gold answers."""
+    from pipeline.evaluate import evaluate_files
+
+    try:
+        result = evaluate_files(predictions, gold)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result))
+
+
+@app.command("from-bert")
+def from_bert(
+    bert_dir: Annotated[Path, typer.Argument(help="A BERT-family checkpoint directory (config.json, weights, vocab.txt).")],
+    output: Annotated[Path, typer.Argument(help="Where to write the Splinter checkpoint.")],
+    lowercase: Annotated[bool | None, typer.Option("--lowercase/--cased", help="Tokenizer casing (default: from the checkpoint's tokenizer_config.json, else cased).")] = None,
+) -> None:
+    """Initialise a Splinter QA model (fresh QASS head) from BERT weights, as the paper's baselines do."""
+    from splinter.model import SplinterForQuestionAnswering
+    from splinter.tokenizer import SplinterTokenizer
+
+    if not (bert_dir / "config.json").is_file():
+        _fail(f"{bert_dir} has no config.json: is it a BERT checkpoint directory?")
+    tok_kwargs = {} if lowercase is None else {"do_lower_case": lowercase}
+    tokenizer = SplinterTokenizer.from_pretrained(str(bert_dir), **tok_kwargs)
+    model = SplinterForQuestionAnswering.from_bert(str(bert_dir))
+    model.config.question_token_id = tokenizer.question_token_id
+    model.save_pretrained(str(output), tokenizer=tokenizer)
+    typer.echo(f"wrote {output}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    address: Annotated[str | None, typer.Option(help="Ray dashboard address (default: RAY_ADDRESS).")] = None,
+    working_dir: Annotated[str | None, typer.Option(help="Directory shipped to the cluster as the job's working dir.")] = None,
+    runtime_env: Annotated[str | None, typer.Option(help="YAML/JSON runtime env file for the job.")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return right after submission.")] = False,
+    submission_id: Annotated[str | None, typer.Option(help="Job id to use (default: generated).")] = None,
+    entrypoint_num_gpus: Annotated[float, typer.Option(help="GPUs reserved for the driver (default 0: leave them to actors).")] = 0.0,
+) -> None:
+    """Submit `splinter mine|extract ARGS...` to a Ray cluster (Jobs API), stream logs, exit with its status.
+
+    Example: splinter submit --address http://head:8265 -- extract s3://bucket/q.parquet s3://bucket/out --model /models/qa
+    """
+    from pipeline.submit import SubmitError
+    from pipeline.submit import submit as submit_job
+
+    command = list(ctx.args)
+    if not command or command[0] not in ("mine", "extract", "evaluate"):
+        _fail("give the command to run after `--`: splinter submit [OPTIONS] -- mine|extract ARGS...")
+    try:
+        code = submit_job(command, address=address, working_dir=working_dir, runtime_env=runtime_env,
+                          wait=not no_wait, submission_id=submission_id,
+                          entrypoint_num_gpus=entrypoint_num_gpus, log=typer.echo)
+    except SubmitError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="splinter")
+
+
+if __name__ == "__main__":  # `python -m splinter.cli ...`, as Ray job entrypoints use
+    sys.exit(app(prog_name="splinter"))

@@ -1,0 +1,41 @@
+"""Small real stages used to exercise the runner (importable by Ray workers)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from pipeline.resources import Resources
+
+
+class WordRows:
+    """Documents -> one row per word (a row-count-changing stage); empty docs -> a skip row."""
+
+    resources = Resources(num_cpus=1, batch_size=3)
+
+    def __init__(self, fail_on: str | None = None, fail_flag: str | None = None) -> None:
+        self.fail_on, self.fail_flag = fail_on, fail_flag
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        src, words, reasons, ids = [], [], [], []
+        for i, (doc_id, text) in enumerate(zip(batch["doc_id"], batch["text"], strict=True)):
+            if self.fail_on and text and self.fail_on in text and (
+                    self.fail_flag is None or os.path.exists(self.fail_flag)):
+                raise RuntimeError(f"injected failure on {doc_id}")
+            toks = text.split() if isinstance(text, str) else []
+            if not toks:
+                src.append(i), words.append(""), reasons.append("empty"), ids.append(doc_id)
+            for w in toks:
+                src.append(i), words.append(w), reasons.append(""), ids.append(doc_id)
+        return {"_source": np.asarray(src), "doc_id": np.asarray(ids, dtype=object),
+                "word": np.asarray(words, dtype=object), "skip_reason": np.asarray(reasons, dtype=object)}
+
+
+class Upper:
+    """A 1:1 stage."""
+
+    resources = Resources(num_cpus=1, batch_size=4, actors=1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, "upper": np.asarray([w.upper() for w in batch["word"]], dtype=object)}
