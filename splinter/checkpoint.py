@@ -215,7 +215,11 @@ def _build(
                 continue
             missing = [t for t in theirs if t not in tensors]
             if missing:
-                raise ValueError(f"checkpoint {directory} lacks {missing[0]!r} (needed for {ours})")
+                files = ", ".join(sorted(set(sources.values()))) or "its weight files"
+                what = " has a partial QASS head: it" if ours in qass_keys else ""
+                raise ValueError(
+                    f"checkpoint {directory}{what} lacks {missing[0]!r} in {files} (needed for our {ours})"
+                )
             parts = [tensors[t] for t in theirs]
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             target = params[ours]
@@ -250,9 +254,6 @@ def _build(
                 "and must be fine-tuned before its span predictions mean anything",
                 directory,
             )
-    elif with_qass and len(present_qass) != len(qass_keys):
-        missing = sorted(t for k in qass_keys - set(present_qass) for t in mapping[k])
-        raise ValueError(f"checkpoint {directory} has a partial QASS head: {missing[0]!r} is missing")
     return model.eval()
 
 

@@ -159,6 +159,8 @@ class SplinterConfig:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> SplinterConfig:
         """Read `<directory>/config.json`."""
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; pass a checkpoint directory")
