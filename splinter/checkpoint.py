@@ -315,6 +315,11 @@ def bert_config_to_splinter(directory: str | Path) -> SplinterConfig:
     question_id = question_token_id_from_vocab(directory)
     if question_id is None:
         question_id = SplinterConfig.question_token_id
+        if question_id >= known.get("vocab_size", SplinterConfig.vocab_size):
+            raise ValueError(
+                f"{directory / VOCAB_NAME} has no {QUESTION_TOKEN} token and the default question_token_id "
+                f"{question_id} is outside this vocabulary; add {QUESTION_TOKEN} to vocab.txt"
+            )
         logger.warning(
             "from_bert: %s has no %s token; question_token_id stays %d. Add %s to the vocabulary "
             "(Splinter's replaces [unused100]) or set config.question_token_id before fine-tuning",
