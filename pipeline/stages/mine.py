@@ -1,0 +1,404 @@
+"""Recurring-span mining stage: documents -> Splinter pretraining sequences.
+
+Faithful to the authors' `create_pretraining_data.py` + `masking.py` (see `pipeline.spans`), with
+these documented differences:
+
+* Randomness is per document, from `(seed, dupe_index, doc_id)` through blake2b, so output does
+  not depend on batch boundaries, worker count or document order (the authors used one global
+  unseeded numpy RNG).
+* A line longer than `max_seq_length - 2` tokens is split at word starts into several lines
+  instead of being truncated (the authors dropped the rest of it).
+* Sequences that end up with no question are dropped: they carry no pretraining signal, and a
+  batch of them makes the loss NaN. A document left with none gets `skip_reason`
+  "no_recurring_spans".
+* `layout="collapsed"` (default) deletes the inner tokens of each masked occurrence, so every
+  masked span is one `[QUESTION]` token and positions are plain 0..n-1 (what HF's
+  SplinterForPreTraining expects without `position_ids`). `layout="original"` is the authors'
+  layout: inner tokens become [PAD] with attention 0, plus `position_ids` = exclusive cumsum of
+  the attention mask.
+* An occurrence overlapping its cluster's visible occurrence is never masked (see
+  `pipeline.spans.mask_clusters`).
+* Documents are capped at `max_doc_chars` characters (cut at a whitespace) so one pathological
+  input cannot stall a worker; 1M characters is far above any Wikipedia article's plain text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from pipeline.resources import Resources
+from pipeline.spans import (
+    ClusterBatch,
+    VocabTables,
+    find_span_clusters,
+    mask_clusters,
+    pack_segments,
+    question_budget,
+    split_long_segment,
+)
+
+__all__ = ["LAYOUTS", "SKIP_REASONS", "RecurringSpanMiner", "load_mining_tokenizer"]
+
+LAYOUTS = ("collapsed", "original")
+SKIP_REASONS = ("empty", "not_text", "too_short", "no_recurring_spans")
+
+# Characters that do not occur in real text: C0/C1 controls (tab, newlines, vertical tab and form
+# feed excepted), DEL, and U+FFFD (what a decoder leaves for invalid UTF-8).
+_JUNK = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
+_JUNK_FRACTION = 0.05
+_INT32 = np.int32
+
+
+def load_mining_tokenizer(tokenizer: str | os.PathLike[str] | None) -> Any:
+    """A `SplinterTokenizer`: None = bundled vocab, a directory = from_pretrained, a file = vocab.txt."""
+    from splinter.tokenizer import SplinterTokenizer
+
+    if tokenizer is None:
+        return SplinterTokenizer.default()
+    if os.path.isdir(tokenizer):
+        return SplinterTokenizer.from_pretrained(tokenizer)
+    if os.path.isfile(tokenizer):
+        return SplinterTokenizer.from_vocab(tokenizer)
+    raise ValueError(f"tokenizer {tokenizer!r} is neither a tokenizer directory nor a vocab.txt file")
+
+
+def _plain_backend(backend: Tokenizer) -> Tokenizer:
+    """A private copy of the backend that tokenizes document text only.
+
+    Drops added tokens so literal "[CLS]"/"[QUESTION]" in a document is split like any other
+    bracketed word (as the authors' BasicTokenizer did) and can never fake a special token; drops
+    truncation, padding and the question template, which mining does itself.
+    """
+    state = json.loads(backend.to_str())
+    state["added_tokens"] = []
+    state["truncation"] = None
+    state["padding"] = None
+    state["post_processor"] = None
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def _object_array(items: list[Any]) -> np.ndarray:
+    # Element-wise: numpy would otherwise broadcast equal-length arrays into a 2-D array.
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item
+    return out
+
+
+def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n)."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return first + np.arange(total)
+
+
+class RecurringSpanMiner:
+    """Stage: `doc_id`, `text` -> one row per pretraining sequence (or one skip row per document).
+
+    Output columns (all object arrays hold 1-D numpy arrays, int32 unless noted):
+    `_source` int64 (input row), `skip_reason` str ("" for sequences), `doc_id` str, `seq_index`
+    int32 (chunk index within the document; -1 on skip rows), `input_ids`, `attention_mask`,
+    `token_type_ids` (zeros), `question_positions`, `start_positions`, `end_positions`,
+    `masked_spans` (object array of Python lists of str, one per question: Arrow list<string>),
+    `position_ids` (layout "original" only), `num_tokens` int32, `num_questions` int32.
+    """
+
+    resources = Resources(num_cpus=1, batch_size=64)
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        seed: int = 12345,
+        max_seq_length: int = 512,
+        max_span_length: int = 10,
+        max_questions: int = 30,
+        layout: str = "collapsed",
+        mask_prob: float = 0.15,
+        dupe_index: int = 0,
+        min_doc_tokens: int = 8,
+        max_doc_chars: int = 1_000_000,
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if max_seq_length < 8:
+            raise ValueError(f"max_seq_length must be >= 8, got {max_seq_length}")
+        if max_span_length < 1 or max_questions < 1:
+            raise ValueError("max_span_length and max_questions must be >= 1")
+        if not 0.0 < mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
+        if dupe_index < 0 or min_doc_tokens < 0 or max_doc_chars < 1:
+            raise ValueError("dupe_index and min_doc_tokens must be >= 0, max_doc_chars >= 1")
+        self.seed = int(seed)
+        self.max_seq_length = int(max_seq_length)
+        self.max_span_length = int(max_span_length)
+        self.max_questions = int(max_questions)
+        self.layout = layout
+        self.mask_prob = float(mask_prob)
+        self.dupe_index = int(dupe_index)
+        self.min_doc_tokens = int(min_doc_tokens)
+        self.max_doc_chars = int(max_doc_chars)
+
+        tok = load_mining_tokenizer(tokenizer)
+        self.backend = _plain_backend(tok.backend)
+        self.cls_id = int(tok.cls_token_id)
+        self.sep_id = int(tok.sep_token_id)
+        self.pad_id = int(tok.pad_token_id)
+        self.question_id = int(tok.question_token_id)
+        self.tables = VocabTables.from_vocab(tok.get_vocab())
+        # encode_batch_fast skips offset bookkeeping we do not need (tokenizers >= 0.21).
+        self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+
+    # ------------------------------------------------------------------ steps
+
+    def check_text(self, text: Any) -> tuple[str, str]:
+        """(usable text, "") or ("", skip reason). Never raises."""
+        if isinstance(text, bytes | bytearray | memoryview):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError:
+                return "", "not_text"
+        if not isinstance(text, str):
+            return "", "not_text"  # None, NaN from a pandas round trip, numbers...
+        if len(text) > self.max_doc_chars:
+            cut = text.rfind(" ", self.max_doc_chars - 1000, self.max_doc_chars)
+            text = text[: cut if cut > 0 else self.max_doc_chars]
+        if not text or text.isspace():
+            return "", "empty"
+        junk = len(_JUNK.findall(text))
+        if junk > _JUNK_FRACTION * len(text):
+            return "", "not_text"
+        return text, ""
+
+    def tokenize_lines(self, texts: list[str]) -> list[list[list[int]]]:
+        """Each text -> its non-empty lines' WordPiece ids (one `encode_batch` for the whole batch)."""
+        lines: list[str] = []
+        bounds = [0]
+        for text in texts:
+            lines.extend(line for line in (raw.strip() for raw in text.splitlines()) if line)
+            bounds.append(len(lines))
+        encodings = self._encode(lines, add_special_tokens=False) if lines else []
+        ids = [e.ids for e in encodings]
+        return [[seg for seg in ids[bounds[i] : bounds[i + 1]] if seg] for i in range(len(texts))]
+
+    def chunk(self, segments: list[list[int]]) -> list[list[int]]:
+        """A document's lines -> `[CLS] ... [SEP]` sequences of at most max_seq_length tokens."""
+        budget = self.max_seq_length - 2
+        pieces: list[list[int]] = []
+        for segment in segments:
+            if len(segment) > budget:
+                pieces.extend(split_long_segment(segment, budget, self.tables.piece))
+            else:
+                pieces.append(segment)
+        return [
+            [self.cls_id, *chunk, self.sep_id] for chunk in pack_segments(pieces, budget, self.dupe_index)
+        ]
+
+    def doc_rng(self, doc_id: str) -> np.random.Generator:
+        """The document's own random stream: a stable hash, never Python's salted hash()."""
+        material = f"{self.seed}\x1f{self.dupe_index}\x1f{doc_id}".encode("utf-8", "surrogatepass")
+        return np.random.default_rng(
+            int.from_bytes(hashlib.blake2b(material, digest_size=16).digest(), "little")
+        )
+
+    def find_clusters(self, sequences: list[list[int]]) -> ClusterBatch:
+        """Pruned recurring-span clusters of each sequence (the fast search; tests compare it)."""
+        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in sequences], out=offsets[1:])
+        flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(offsets[-1]))
+        return find_span_clusters(flat, offsets, self.tables, self.max_span_length)
+
+    # ------------------------------------------------------------------ stage
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = batch["text"]
+        doc_ids = ["" if d is None else str(d) for d in batch["doc_id"]]
+        num_docs = len(texts)
+        reasons = [""] * num_docs
+        usable: list[int] = []
+        usable_texts: list[str] = []
+        for i in range(num_docs):
+            text, reason = self.check_text(texts[i])
+            if reason:
+                reasons[i] = reason
+            else:
+                usable.append(i)
+                usable_texts.append(text)
+
+        # Sequences of all usable documents, back to back.
+        seq_doc: list[int] = []
+        seq_chunk: list[int] = []
+        sequences: list[list[int]] = []
+        for i, segments in zip(usable, self.tokenize_lines(usable_texts), strict=True):
+            if sum(len(s) for s in segments) < max(self.min_doc_tokens, 1):
+                reasons[i] = "too_short"
+                continue
+            for k, seq in enumerate(self.chunk(segments)):
+                sequences.append(seq)
+                seq_doc.append(i)
+                seq_chunk.append(k)
+        seq_len = [len(s) for s in sequences]
+        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum(seq_len, out=offsets[1:])
+        flat_list = [t for s in sequences for t in s]
+        flat = np.array(flat_list, dtype=np.int64)
+        clusters = find_span_clusters(flat, offsets, self.tables, self.max_span_length)
+
+        # Masking, sequentially per document with its own generator.
+        q_seq: list[int] = []
+        q_pos: list[int] = []
+        q_len: list[int] = []
+        q_start: list[int] = []
+        q_end: list[int] = []
+        rng: np.random.Generator | None = None
+        for s, i in enumerate(seq_doc):
+            if s == 0 or seq_doc[s - 1] != i:
+                rng = self.doc_rng(doc_ids[i])
+            assert rng is not None
+            count = clusters.count(s)
+            order = rng.permutation(count)
+            choice = rng.random(count)
+            budget = question_budget(seq_len[s], self.max_questions, self.mask_prob)
+            for pos, span_len, start, end in mask_clusters(clusters, s, budget, order, choice):
+                q_seq.append(s)
+                q_pos.append(pos)
+                q_len.append(span_len)
+                q_start.append(start)
+                q_end.append(end)
+        return self._emit(
+            batch_size=num_docs,
+            doc_ids=doc_ids,
+            reasons=reasons,
+            seq_doc=seq_doc,
+            seq_chunk=seq_chunk,
+            flat=flat,
+            flat_list=flat_list,
+            offsets=offsets,
+            questions=(q_seq, q_pos, q_len, q_start, q_end),
+        )
+
+    def _emit(
+        self,
+        *,
+        batch_size: int,
+        doc_ids: list[str],
+        reasons: list[str],
+        seq_doc: list[int],
+        seq_chunk: list[int],
+        flat: np.ndarray,
+        flat_list: list[int],
+        offsets: np.ndarray,
+        questions: tuple[list[int], ...],
+    ) -> dict[str, np.ndarray]:
+        """Apply the layout to all sequences at once, then cut rows (skip rows in input order)."""
+        q_seq, q_pos, q_len, q_start, q_end = (np.asarray(q, dtype=np.int64) for q in questions)
+        num_seqs = len(seq_doc)
+        seq_start = offsets[:-1]
+        q_global = seq_start[q_seq] + q_pos
+        # Inner tokens of each masked occurrence (everything after its [QUESTION]).
+        inner = _ragged_arange(q_global + 1, q_len - 1)
+        keep = np.ones(len(flat), dtype=bool)
+        keep[inner] = False
+        ids = flat.copy()
+        ids[q_global] = self.question_id
+        new_index = np.cumsum(keep) - 1  # position after deleting the inner tokens
+        if self.layout == "collapsed":
+            out_ids = ids[keep].astype(_INT32)
+            out_start = new_index[seq_start]
+            out_offsets = np.append(out_start, len(out_ids))
+            local = new_index - np.repeat(out_start, np.diff(offsets))
+            attention = np.ones(len(out_ids), dtype=_INT32)
+            position_ids = None
+        else:
+            ids[inner] = self.pad_id
+            out_ids = ids.astype(_INT32)
+            out_offsets = offsets
+            local = np.arange(len(flat)) - np.repeat(seq_start, np.diff(offsets))
+            attention = keep.astype(_INT32)
+            # Exclusive cumsum of the mask within each sequence: PADs do not advance positions.
+            seen = np.cumsum(attention) - attention
+            position_ids = (seen - np.repeat(seen[seq_start], np.diff(offsets))).astype(_INT32)
+        q_out = local[q_global].astype(_INT32)
+        start_out = local[seq_start[q_seq] + q_start].astype(_INT32)
+        end_out = local[seq_start[q_seq] + q_end].astype(_INT32)
+        types = np.zeros(len(out_ids), dtype=_INT32)
+        q_bounds = np.searchsorted(q_seq, np.arange(num_seqs + 1)).tolist()
+        spans = [
+            self.tables.detokenize(flat_list[p : p + n])
+            for p, n in zip(q_global.tolist(), q_len.tolist(), strict=True)
+        ]
+
+        # Rows: each document's sequences that got questions, or one skip row.
+        by_doc: dict[int, list[int]] = {}
+        for s in range(num_seqs):
+            if q_bounds[s + 1] > q_bounds[s]:
+                by_doc.setdefault(seq_doc[s], []).append(s)
+        empty = np.zeros(0, dtype=_INT32)
+        cols: dict[str, list[Any]] = {
+            name: []
+            for name in (
+                "_source",
+                "skip_reason",
+                "doc_id",
+                "seq_index",
+                "input_ids",
+                "attention_mask",
+                "token_type_ids",
+                "question_positions",
+                "start_positions",
+                "end_positions",
+                "masked_spans",
+                "num_tokens",
+                "num_questions",
+            )
+        }
+        if position_ids is not None:
+            cols["position_ids"] = []
+        bounds = out_offsets.tolist()
+        for i in range(batch_size):
+            rows = by_doc.get(i)
+            if not rows:
+                reason = reasons[i] or "no_recurring_spans"
+                values: dict[str, Any] = {"_source": i, "skip_reason": reason, "doc_id": doc_ids[i]}
+                values.update(seq_index=-1, num_tokens=0, num_questions=0, masked_spans=[])
+                for name in cols:
+                    if name not in values:
+                        values[name] = empty
+                for name, value in values.items():
+                    cols[name].append(value)
+                continue
+            for s in rows:
+                a, b = bounds[s], bounds[s + 1]
+                qa, qb = q_bounds[s], q_bounds[s + 1]
+                cols["_source"].append(i)
+                cols["skip_reason"].append("")
+                cols["doc_id"].append(doc_ids[i])
+                cols["seq_index"].append(seq_chunk[s])
+                cols["input_ids"].append(out_ids[a:b])
+                cols["attention_mask"].append(attention[a:b])
+                cols["token_type_ids"].append(types[a:b])
+                cols["question_positions"].append(q_out[qa:qb])
+                cols["start_positions"].append(start_out[qa:qb])
+                cols["end_positions"].append(end_out[qa:qb])
+                cols["masked_spans"].append(spans[qa:qb])
+                cols["num_tokens"].append(b - a)
+                cols["num_questions"].append(qb - qa)
+                if position_ids is not None:
+                    cols["position_ids"].append(position_ids[a:b])
+        out: dict[str, np.ndarray] = {
+            "_source": np.asarray(cols.pop("_source"), dtype=np.int64),
+            "seq_index": np.asarray(cols.pop("seq_index"), dtype=_INT32),
+            "num_tokens": np.asarray(cols.pop("num_tokens"), dtype=_INT32),
+            "num_questions": np.asarray(cols.pop("num_questions"), dtype=_INT32),
+        }
+        for name, values in cols.items():
+            out[name] = _object_array(values)
+        return out
