@@ -15,11 +15,12 @@ the header explicitly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import os
 import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,14 +50,14 @@ class SubmitError(RuntimeError):
 
 
 def resolve_address(address: str | None = None, env: Mapping[str, str] | None = None) -> str:
-    """The dashboard (Jobs API) URL from `address`, else RAY_ADDRESS.
+    """The dashboard (Jobs API) URL from `address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS.
 
     http(s)://host[:port] is used as given; ray://host[:port] and bare host:6379 (GCS) name the
     same head, whose dashboard listens on 8265; bare host:port is taken as the dashboard, as
     `ray job submit --address` does; "auto" is the local head's dashboard.
     """
     env = os.environ if env is None else env
-    raw = (address or env.get("RAY_ADDRESS") or "").strip()
+    raw = (address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or "").strip()
     if not raw:
         raise SubmitError(
             "no Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS "
@@ -114,6 +115,7 @@ def splinter_commands() -> set[str]:
     """Names of the commands registered on the `splinter` typer app (empty if it cannot load)."""
     try:
         import typer.main
+
         from splinter.cli import app
     except ImportError:
         return set()
@@ -272,7 +274,10 @@ def _connect(url: str, token: str | None) -> Any:
     # overrides one we pass, so passing ours works whatever RAY_AUTH_MODE says here.
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(url, headers=headers)
+        # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its `address` argument, and
+        # reads a bare RAY_ADDRESS as a GCS address to dial over gRPC: pin it to the URL we resolved.
+        with _environ(RAY_API_SERVER_ADDRESS=url):
+            return JobSubmissionClient(url, headers=headers)
     except AuthenticationError as err:
         raise SubmitError(auth_error_message(url, _status_of(err), token)) from None
     except ConnectionError:
@@ -282,6 +287,20 @@ def _connect(url: str, token: str | None) -> Any:
         ) from None
     except RuntimeError as err:
         raise SubmitError(f"the Ray dashboard at {url} refused the connection check: {err}") from None
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _submit_job(

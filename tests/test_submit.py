@@ -56,9 +56,13 @@ def test_resolve_address(given: str, expected: str) -> None:
     assert resolve_address(given, env={}) == expected
 
 
-def test_address_flag_beats_ray_address_env() -> None:
+def test_address_precedence() -> None:
     env = {"RAY_ADDRESS": "ray://from-env:10001"}
     assert resolve_address(None, env=env) == "http://from-env:8265"
+    assert resolve_address("http://flag:8265", env=env) == "http://flag:8265"
+    # Ray's own name for the Jobs API address, as `ray start` prints it, beats RAY_ADDRESS.
+    env["RAY_API_SERVER_ADDRESS"] = "http://api:8265"
+    assert resolve_address(None, env=env) == "http://api:8265"
     assert resolve_address("http://flag:8265", env=env) == "http://flag:8265"
 
 
