@@ -702,20 +702,25 @@ class SplinterTokenizer:
     ) -> dict[str, np.ndarray]:
         """Question/context pairs -> overlapping windows as numpy arrays (run_qa.py style).
 
-        Each pair is encoded with the Splinter template and the context split into windows of at most
-        `max_length` tokens that overlap by `stride` tokens (transformers' overflow semantics: the same
-        windows, in the same order, as `__call__(..., truncation="only_second",
-        return_overflowing_tokens=True)`; context-first with "only_first" when padding_side is left).
-        Questions longer than `max_query_length` tokens are first cut to that many tokens (at the
-        character end of the last kept token), as the original Splinter fine-tuning code did; None
-        keeps them whole.
+        Each pair gets the Splinter template and its context is split into windows of at most
+        `max_length` tokens overlapping by `stride` context tokens: the same windows, in the same
+        order, as `__call__(questions, contexts, truncation="only_second", max_length=...,
+        stride=..., return_overflowing_tokens=True)` (and transformers), or, with
+        padding_side="left", as `__call__(contexts, questions, truncation="only_first", ...)`.
+        Questions longer than `max_query_length` tokens keep only their first `max_query_length`
+        tokens, as the original Splinter fine-tuning code did (identical to cutting the question text
+        after that token); None keeps them whole.
+
+        How: every distinct question and context is tokenized once, without the template, in one
+        `encode_batch`; the windows are then assembled with numpy index arithmetic. That skips the
+        backend's per-window `Encoding` copies and re-tokenizing repeated contexts.
 
         Returns, with W windows over N pairs and L = longest window (or `max_length`):
           input_ids, token_type_ids, attention_mask: int32 [W, L], right-padded with [PAD] / 0 / 0;
           offsets: int32 [W, L, 2] character (start, end) in the context, -1 for every non-context
             token (question, template tokens, padding);
           lengths: int32 [W] real tokens per window;
-          sample_index: int32 [W] index of the source pair;
+          sample_index: int32 [W] index of the source pair (windows of a pair are consecutive);
           question_position: int32 [W] index of the [QUESTION] token;
           context_start, context_end: int32 [W] token range [start, end) of the context in the window;
           question_truncated: bool [N] whether the question was cut to max_query_length.
@@ -734,83 +739,87 @@ class SplinterTokenizer:
         if n == 0:
             return _empty_windows(max_length if pad_to_max_length else 0)
 
-        backend = self._backend
+        # Tokenize each distinct text once (QA batches repeat contexts, and often questions).
+        uq, q_of = _unique(questions)
+        uc, c_of = _unique(contexts)
         self._reset_backend()
-        q_encodings = backend.encode_batch(questions, add_special_tokens=False)
-        q_len = np.fromiter((len(e) for e in q_encodings), dtype=np.int32, count=n)
+        encodings = _run_backend(self._backend, uq + uc, False)
+        q_ids, q_base, q_len = _flatten_ids(encodings[: len(uq)])
+        c_ids, c_base, c_len = _flatten_ids(encodings[len(uq) :])
+        c_offsets = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encodings[len(uq) :])),
+            dtype=np.int32,
+            count=2 * len(c_ids),
+        ).reshape(-1, 2)
+
+        nq = q_len[q_of]  # (N,)
         truncated = np.zeros(n, dtype=bool)
         if max_query_length is not None:
-            for i in np.flatnonzero(q_len > max_query_length).tolist():
-                # WordPiece is greedy longest-match, so the text up to the end of the k-th token
-                # re-tokenizes to exactly those k tokens.
-                questions[i] = questions[i][: q_encodings[i].offsets[max_query_length - 1][1]]
-                truncated[i] = True
-            q_len = np.minimum(q_len, max_query_length)
-        room = max_length - int(q_len.max()) - PAIR_SPECIAL_TOKENS
-        if stride >= room:
+            truncated = nq > max_query_length
+            nq = np.minimum(nq, max_query_length)
+        nc = c_len[c_of]
+        room = max_length - nq - PAIR_SPECIAL_TOKENS  # context tokens per window, per pair
+        worst = int(np.argmin(room))
+        if stride >= room[worst]:
             raise ValueError(
-                f"stride ({stride}) must be smaller than max_length ({max_length}) minus the longest question "
-                f"({int(q_len.max())} tokens) minus {PAIR_SPECIAL_TOKENS} special tokens (= {room}); "
-                "lower the stride, raise max_length, or set max_query_length"
+                f"stride ({stride}) must be smaller than max_length ({max_length}) minus the question "
+                f"({int(nq[worst])} tokens for pair {worst}) minus {PAIR_SPECIAL_TOKENS} special tokens "
+                f"(= {int(room[worst])}); lower the stride, raise max_length, or set max_query_length"
             )
 
-        right = self.padding_side == "right"
-        pairs = (
-            list(zip(questions, contexts, strict=True))
-            if right
-            else list(zip(contexts, questions, strict=True))
-        )
-        backend.enable_truncation(
-            max_length, stride=stride, strategy="only_second" if right else "only_first", direction="right"
-        )
-        try:
-            encodings = _run_backend(backend, pairs, True)
-        finally:
-            backend.no_truncation()
-
-        windows: list[Encoding] = []
-        counts = np.empty(n, dtype=np.int64)
-        for i, enc in enumerate(encodings):
-            windows.append(enc)
-            windows.extend(enc.overflowing)
-            counts[i] = 1 + len(enc.overflowing)
-        w = len(windows)
-        sample_index = np.repeat(np.arange(n, dtype=np.int32), counts)
-        lengths = np.fromiter((len(e) for e in windows), dtype=np.int32, count=w)
-        total = int(lengths.sum())
-        flat_ids = np.fromiter(
-            itertools.chain.from_iterable(e.ids for e in windows), dtype=np.int32, count=total
-        )
-        flat_offsets = np.array(
-            list(itertools.chain.from_iterable(e.offsets for e in windows)), dtype=np.int32
-        ).reshape(total, 2)
+        # The backend's overflow rule: windows start at 0, step, 2*step, ... (step = room - stride)
+        # and stop at the first one that reaches the end of the context.
+        step = room - stride
+        n_windows = 1 + (np.maximum(nc - room, 0) + step - 1) // step  # (N,)
+        sample_index = np.repeat(np.arange(n, dtype=np.int32), n_windows)  # (W,)
+        first_window = np.cumsum(n_windows) - n_windows
+        k = np.arange(len(sample_index)) - first_window[sample_index]  # window number within its pair
+        c_start = k * step[sample_index]  # (W,) first context token of the window
+        c_count = np.minimum(c_start + room[sample_index], nc[sample_index]) - c_start
+        wq = nq[sample_index]
+        lengths = (wq + c_count + PAIR_SPECIAL_TOKENS).astype(np.int32)
+        w = len(lengths)
 
         width = max_length if pad_to_max_length else int(lengths.max())
-        pos = np.arange(width, dtype=np.int32)[None, :]  # (1, L)
-        real = pos < lengths[:, None]  # (W, L)
-        nq = q_len[sample_index][:, None]  # (W, 1)
-        if right:
+        pos = np.arange(width, dtype=np.int64)[None, :]  # (1, L)
+        if self.padding_side == "right":
             # [CLS] q(nq) [QUESTION] . [SEP] context [SEP]
-            question_position = nq[:, 0] + 1
-            context_start = nq[:, 0] + 4
-            context_end = lengths - 1
-            type_ids = (pos >= nq + 4) & real
+            question_start = np.ones(w, dtype=np.int64)
+            question_position = wq + 1
+            context_start = wq + 4
         else:
             # [CLS] context [SEP] q(nq) [QUESTION] . [SEP]
-            context_start = np.ones(w, dtype=np.int32)
-            context_end = lengths - nq[:, 0] - 4
+            context_start = np.ones(w, dtype=np.int64)
+            question_start = c_count + 2
             question_position = lengths - 3
-            ce = context_end[:, None]
-            type_ids = ((pos > ce) & (pos < ce + 1 + nq)) | (pos == lengths[:, None] - 1)
+        context_end = context_start + c_count
 
         input_ids = np.full((w, width), self.pad_token_id, dtype=np.int32)
-        input_ids[real] = flat_ids
-        if not np.all(input_ids[np.arange(w), question_position] == self.question_token_id):
-            raise RuntimeError("internal error: [QUESTION] is not where the template puts it")
+        rows = np.arange(w)
+        input_ids[:, 0] = self.cls_token_id
+        input_ids[rows, question_position] = self.question_token_id
+        input_ids[rows, question_position + 1] = self._dot_token_id
+        input_ids[rows, question_position + 2] = self.sep_token_id
+        input_ids[rows, lengths - 1] = self.sep_token_id
+        if self.padding_side == "left":
+            input_ids[rows, context_end] = self.sep_token_id
+
+        in_question = (pos >= question_start[:, None]) & (pos < (question_start + wq)[:, None])  # (W, L)
+        r, col = np.nonzero(in_question)
+        input_ids[r, col] = q_ids[q_base[q_of[sample_index[r]]] + col - question_start[r]]
+
+        in_context = (pos >= context_start[:, None]) & (pos < context_end[:, None])  # (W, L)
+        r, col = np.nonzero(in_context)
+        src = c_base[c_of[sample_index[r]]] + c_start[r] + col - context_start[r]
+        input_ids[r, col] = c_ids[src]
         offsets = np.full((w, width, 2), -1, dtype=np.int32)
-        offsets[real] = flat_offsets
-        in_context = (pos >= context_start[:, None]) & (pos < context_end[:, None])
-        offsets[~in_context] = -1
+        offsets[r, col] = c_offsets[src]
+
+        real = pos < lengths[:, None]
+        if self.padding_side == "right":
+            type_ids = (pos >= context_start[:, None]) & real
+        else:  # transformers' fast template: question 1, "[QUESTION] ." 0, final [SEP] 1
+            type_ids = in_question | (pos == (lengths - 1)[:, None])
         return {
             "input_ids": input_ids,
             "token_type_ids": type_ids.astype(np.int32),
@@ -877,6 +886,23 @@ def _collect_inputs(text: Any, text_pair: Any) -> tuple[bool, list[str | PairInp
         _check_text(a, f"text[{i}]")
         _check_text(b, f"text_pair[{i}]")
     return True, list(zip(texts, pairs_list, strict=True))
+
+
+def _unique(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Distinct texts in first-seen order and, per input, the index of its distinct text."""
+    index: dict[str, int] = {}
+    inverse = np.fromiter((index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts))
+    return list(index), inverse
+
+
+def _flatten_ids(encodings: list[Encoding]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids of many encodings back to back, with each one's start and length."""
+    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+    base = np.cumsum(lengths) - lengths
+    ids = np.fromiter(
+        itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum())
+    )
+    return ids, base, lengths
 
 
 def _run_backend(backend: Tokenizer, inputs: list[Any], add_special_tokens: bool) -> list[Encoding]:

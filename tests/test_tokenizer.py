@@ -445,6 +445,38 @@ def test_encode_qa_windows_equals_call(
     assert not out["question_truncated"].any()
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encode_qa_windows_window_rule_edges(side, ours, ours_left, hf_right, hf_left):
+    # Windows are assembled in numpy, not by the backend: check the overflow rule on every
+    # boundary (context exactly filling a window, one token over, stride 0, stride = room - 1, ...).
+    tok, hf = (ours, hf_right) if side == "right" else (ours_left, hf_left)
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "the", "of", "cat", "Zürich", "北", "running"]
+    qs, cs, settings = [], [], []
+    for q_words in (0, 1, 3):
+        for c_words in (0, 1, 2, 5, 6, 7, 11, 12, 13, 30):
+            qs.append(" ".join(rng.choice(words, q_words)))
+            cs.append(" ".join(rng.choice(words, c_words)))
+    for max_length, stride in [(12, 0), (12, 2), (13, 3), (14, 4), (20, 0), (20, 7), (40, 10), (64, 16)]:
+        out = tok.encode_qa_windows(qs, cs, max_length=max_length, stride=stride, max_query_length=None)
+        first, second, strategy = (qs, cs, "only_second") if side == "right" else (cs, qs, "only_first")
+        ref = hf(
+            first,
+            second,
+            truncation=strategy,
+            max_length=max_length,
+            stride=stride,
+            return_overflowing_tokens=True,
+        )
+        assert out["sample_index"].tolist() == ref["overflow_to_sample_mapping"], (max_length, stride)
+        got = [row[:n].tolist() for row, n in zip(out["input_ids"], out["lengths"], strict=True)]
+        assert got == ref["input_ids"], (max_length, stride)
+        types = [row[:n].tolist() for row, n in zip(out["token_type_ids"], out["lengths"], strict=True)]
+        assert types == ref["token_type_ids"], (max_length, stride)
+        settings.append(len(got))
+    assert max(settings) > 2 * len(qs)  # many windows per pair in the tight settings
+
+
 def test_encode_qa_windows_max_query_length(ours, hf_right, questions, contexts):
     long_q = "Which " + " ".join(f"unusually{i} lengthy" for i in range(60)) + " question is this?"
     qs, cs = [long_q, questions[0], "", "Short?"], [contexts[0], contexts[1], contexts[2], ""]
