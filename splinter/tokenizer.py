@@ -42,11 +42,14 @@ VOCAB_FILE = "vocab.txt"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+ADDED_TOKENS_FILE = "added_tokens.json"
 
 # Splinter checkpoints have 512 position embeddings; longer inputs would crash the model, so this is
 # the default limit (transformers' "no limit" value is 1e30 when a config does not say).
 DEFAULT_MODEL_MAX_LENGTH = 512
 # The special tokens a pair template adds: [CLS], [QUESTION], ".", [SEP], [SEP].
+# transformers saves "no limit" as ~1e30; above this a model_max_length means "unbounded" (its rule too).
+UNBOUNDED_LENGTH = int(1e20)
 PAIR_SPECIAL_TOKENS = 5
 SINGLE_SPECIAL_TOKENS = 2
 
@@ -284,10 +287,15 @@ class SplinterTokenizer:
 
         if (directory / TOKENIZER_FILE).is_file():
             backend = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
-            if "do_lower_case" not in kwargs:
-                # No config: keep the normaliser's own casing (the saved tokenizer.json is authoritative).
-                state = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else {}
-                kwargs["do_lower_case"] = bool(state.get("lowercase", False))
+            # Settings the config does not give come from the saved normaliser.
+            state = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else {}
+            for name, key in (
+                ("do_lower_case", "lowercase"),
+                ("strip_accents", "strip_accents"),
+                ("tokenize_chinese_chars", "handle_chinese_chars"),
+            ):
+                if name not in kwargs and key in state:
+                    kwargs[name] = state[key]
             return cls(backend, **kwargs)
         if (directory / VOCAB_FILE).is_file():
             return cls.from_vocab(directory / VOCAB_FILE, **kwargs)
@@ -324,6 +332,11 @@ class SplinterTokenizer:
         path.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
         return (str(path),)
 
+    def _appended_tokens(self) -> dict[str, int]:
+        """Special tokens that live outside the WordPiece vocabulary (e.g. an appended [QUESTION])."""
+        base = self.vocab_size
+        return {tok: idx for tok, idx in self.get_vocab().items() if idx >= base}
+
     def save_pretrained(self, directory: str | os.PathLike[str]) -> tuple[str, ...]:
         """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 
@@ -343,12 +356,16 @@ class SplinterTokenizer:
         (directory / SPECIAL_TOKENS_MAP_FILE).write_text(
             json.dumps(special_map, indent=2) + "\n", encoding="utf-8"
         )
-        return (
-            str(directory / CONFIG_FILE),
-            str(directory / SPECIAL_TOKENS_MAP_FILE),
-            vocab_path,
-            str(directory / TOKENIZER_FILE),
-        )
+        written = [str(directory / CONFIG_FILE), str(directory / SPECIAL_TOKENS_MAP_FILE), vocab_path]
+        appended = self._appended_tokens()
+        if appended:
+            # vocab.txt cannot hold them; transformers' slow tokenizer reads them from here (the fast
+            # one and ours find them in tokenizer.json, or re-append [QUESTION] at the same id).
+            path = directory / ADDED_TOKENS_FILE
+            path.write_text(json.dumps(appended, indent=2) + "\n", encoding="utf-8")
+            written.append(str(path))
+        written.append(str(directory / TOKENIZER_FILE))
+        return tuple(written)
 
     # ------------------------------------------------------------------ properties
 
@@ -642,7 +659,12 @@ class SplinterTokenizer:
             raise ValueError(f"truncation must be one of {sorted(map(str, _TRUNCATION))}, got {truncation!r}")
         truncation_kind = _TRUNCATION[truncation]
         if max_length is None and (truncation_kind is not None or padding_kind == "max_length"):
-            max_length = self.model_max_length
+            if self.model_max_length > UNBOUNDED_LENGTH:
+                # No real limit known (as transformers does): nothing to truncate or pad to.
+                truncation_kind = None
+                padding_kind = None if padding_kind == "max_length" else padding_kind
+            else:
+                max_length = self.model_max_length
         if max_length is not None and max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
         if (
@@ -747,7 +769,9 @@ class SplinterTokenizer:
         q_ids, q_base, q_len = _flatten_ids(encodings[: len(uq)])
         c_ids, c_base, c_len = _flatten_ids(encodings[len(uq) :])
         c_offsets = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encodings[len(uq) :])),
+            itertools.chain.from_iterable(
+                itertools.chain.from_iterable(e.offsets for e in encodings[len(uq) :])
+            ),
             dtype=np.int32,
             count=2 * len(c_ids),
         ).reshape(-1, 2)

@@ -377,6 +377,19 @@ def test_question_token_appended_when_missing(tmp_path):
     assert tok.question_token_id == hf.convert_tokens_to_ids("[QUESTION]") == 28996
     assert tok.vocab_size == 28996 and len(tok) == 28997 == len(hf)
     assert_same(tok("Who?", "Him."), hf("Who?", "Him."))
+    # Saved and reloaded (by us, transformers fast and slow), [QUESTION] keeps id 28996.
+    written = tok.save_pretrained(tmp_path / "saved")
+    assert any(p.endswith("added_tokens.json") for p in written)
+    reloaded = [
+        SplinterTokenizer.from_pretrained(tmp_path / "saved"),
+        transformers.SplinterTokenizerFast.from_pretrained(tmp_path / "saved"),
+        transformers.SplinterTokenizer.from_pretrained(tmp_path / "saved"),
+    ]
+    (tmp_path / "saved" / "tokenizer.json").unlink()
+    reloaded.append(SplinterTokenizer.from_pretrained(tmp_path / "saved"))
+    for other in reloaded:
+        assert other("Who?", "Him.")["input_ids"] == tok("Who?", "Him.")["input_ids"]
+        assert other.convert_tokens_to_ids("[QUESTION]") == 28996
 
 
 # ---------------------------------------------------------------------- encode_qa_windows
@@ -668,3 +681,15 @@ def test_padding_side_setter_rebuilds_template(questions, contexts):
     )
     with pytest.raises(ValueError):
         tok.padding_side = "middle"
+
+
+def test_unbounded_model_max_length_from_transformers(tmp_path, contexts):
+    # A tokenizer saved without a model_max_length says ~1e30: "no limit", so truncation=True is a no-op.
+    hf = transformers.SplinterTokenizerFast(vocab_file=str(VOCAB), do_lower_case=False)
+    hf.save_pretrained(tmp_path)
+    tok = SplinterTokenizer.from_pretrained(tmp_path)
+    assert tok.model_max_length > 10**20
+    long_text = " ".join(contexts[:10])
+    for kw in (dict(truncation=True), dict(padding="max_length"), dict(truncation=True, padding=True)):
+        assert_same(tok([long_text, "short"], **kw), hf([long_text, "short"], **kw))
+    assert len(tok(long_text, truncation=True)["input_ids"]) > 512
