@@ -307,6 +307,7 @@ def test_bad_inputs_are_accounted(miner, wiki):
         float("nan"),
         wiki[0][1],
         "One two three four five six seven eight nine ten eleven twelve.",
+        "Paris is in France. Paris \ud800 is big. Paris is the capital of France.",  # lone surrogate
     ]
     batch = {
         "doc_id": np.array([f"d{i}" for i in range(len(texts))], dtype=object),
@@ -331,6 +332,7 @@ def test_bad_inputs_are_accounted(miner, wiki):
     assert reason[7] == {""} and reason[8] == {""} and reason[10] == {""} and reason[17] == {""}
     assert reason[12] == {""}  # emoji become [UNK], "party" still recurs
     assert reason[18] == {"no_recurring_spans"}
+    assert reason[19] == {""}
     for r in _rows(out):  # whatever was produced is well formed
         if not r["skip_reason"]:
             assert (r["input_ids"] != 100).sum() >= 0 and len(r["input_ids"]) <= 512

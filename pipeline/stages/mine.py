@@ -173,6 +173,12 @@ class RecurringSpanMiner:
             text = text[: cut if cut > 0 else self.max_doc_chars]
         if not text or text.isspace():
             return "", "empty"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates (a bad decode upstream): the tokenizer cannot take them; make them
+            # U+FFFD so the junk test below judges them like any invalid UTF-8.
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         junk = len(_JUNK.findall(text))
         if junk > _JUNK_FRACTION * len(text):
             return "", "not_text"
@@ -188,6 +194,19 @@ class RecurringSpanMiner:
         encodings = self._encode(lines, add_special_tokens=False) if lines else []
         ids = [e.ids for e in encodings]
         return [[seg for seg in ids[bounds[i] : bounds[i + 1]] if seg] for i in range(len(texts))]
+
+    def _tokenize_guarded(self, texts: list[str]) -> list[list[list[int]] | None]:
+        """`tokenize_lines`, but a text the tokenizer rejects yields None instead of failing the batch."""
+        try:
+            return list(self.tokenize_lines(texts))
+        except Exception:  # noqa: BLE001 - isolate the offending document, keep the others
+            out: list[list[list[int]] | None] = []
+            for text in texts:
+                try:
+                    out.append(self.tokenize_lines([text])[0])
+                except Exception:  # noqa: BLE001
+                    out.append(None)
+            return out
 
     def chunk(self, segments: list[list[int]]) -> list[list[int]]:
         """A document's lines -> `[CLS] ... [SEP]` sequences of at most max_seq_length tokens."""
@@ -237,7 +256,10 @@ class RecurringSpanMiner:
         seq_doc: list[int] = []
         seq_chunk: list[int] = []
         sequences: list[list[int]] = []
-        for i, segments in zip(usable, self.tokenize_lines(usable_texts), strict=True):
+        for i, segments in zip(usable, self._tokenize_guarded(usable_texts), strict=True):
+            if segments is None:
+                reasons[i] = "not_text"
+                continue
             if sum(len(s) for s in segments) < max(self.min_doc_tokens, 1):
                 reasons[i] = "too_short"
                 continue
