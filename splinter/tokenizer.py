@@ -7,7 +7,8 @@ transformers. Two entry points:
 * `SplinterTokenizer.__call__` — the familiar transformers call for the common arguments
   (pairs, truncation, stride, overflow, padding, offsets, tensors), returning a `BatchEncoding`.
 * `SplinterTokenizer.encode_qa_windows` — the bulk-QA path: question/context pairs to padded numpy
-  window arrays in one `encode_batch`, with per-token work done in numpy.
+  window arrays; each distinct text is tokenized once in one `encode_batch` and the windows are
+  assembled with numpy index arithmetic (no per-token Python).
 
 Template (what the Splinter checkpoints were fine-tuned with), with `padding_side="right"`::
 
@@ -47,20 +48,13 @@ ADDED_TOKENS_FILE = "added_tokens.json"
 # Splinter checkpoints have 512 position embeddings; longer inputs would crash the model, so this is
 # the default limit (transformers' "no limit" value is 1e30 when a config does not say).
 DEFAULT_MODEL_MAX_LENGTH = 512
-# The special tokens a pair template adds: [CLS], [QUESTION], ".", [SEP], [SEP].
 # transformers saves "no limit" as ~1e30; above this a model_max_length means "unbounded" (its rule too).
 UNBOUNDED_LENGTH = int(1e20)
+# The special tokens a pair template adds: [CLS], [QUESTION], ".", [SEP], [SEP].
 PAIR_SPECIAL_TOKENS = 5
 SINGLE_SPECIAL_TOKENS = 2
 
 _SPECIAL_NAMES = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-_DEFAULT_SPECIALS = {
-    "unk_token": "[UNK]",
-    "sep_token": "[SEP]",
-    "pad_token": "[PAD]",
-    "cls_token": "[CLS]",
-    "mask_token": "[MASK]",
-}
 _TRUNCATION = {
     True: "longest_first",
     "longest_first": "longest_first",
@@ -77,7 +71,6 @@ _PADDING = {
     "do_not_pad": None,
 }
 
-TextInput = str
 PairInput = tuple[str, str]
 
 
@@ -171,6 +164,11 @@ class SplinterTokenizer:
 
     Build it with `from_vocab`, `from_pretrained` or `default()` (the bundled cased vocabulary).
     The constructor takes a vocabulary mapping or a ready backend `Tokenizer` whose model is WordPiece.
+
+    Like transformers' fast tokenizers, each call sets the backend's truncation/padding state, so one
+    instance must not be shared by concurrent threads (one per Ray actor or process is the intent).
+    Instances pickle (the backend does), so they can also be shipped to workers.
+    `encode_batch` parallelism follows the `tokenizers` convention (TOKENIZERS_PARALLELISM).
     """
 
     model_input_names = ("input_ids", "token_type_ids", "attention_mask")
