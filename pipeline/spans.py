@@ -435,14 +435,16 @@ def _prune(
         for j in range(1, span_len):
             alive &= ~taken[members + j]
         # Equal-length occurrences overlap iff their starts are closer than the length, so only
-        # neighbours in start order need checking (starts are unique within a level).
-        live = np.flatnonzero(alive)
-        by_start = np.sort((members[live] << pos_bits) | live)
-        live = by_start & ((1 << pos_bits) - 1)
-        close = np.diff(by_start >> pos_bits) < span_len
+        # neighbours in start order need checking (starts are unique within a level). Single
+        # tokens never overlap.
         crowded = np.zeros(len(members), dtype=bool)
-        crowded[live[:-1][close]] = True
-        crowded[live[1:][close]] = True
+        if span_len > 1:
+            live = alive.nonzero()[0]
+            by_start = np.sort((members[live] << pos_bits) | live)
+            live = by_start & ((1 << pos_bits) - 1)
+            close = np.diff(by_start >> pos_bits) < span_len
+            crowded[live[:-1][close]] = True
+            crowded[live[1:][close]] = True
         contested = np.bincount(owner[crowded], minlength=num) > 0
         accept = ~contested & (np.bincount(owner[alive], minlength=num) >= 2)
         keep = alive & accept[owner]
@@ -451,7 +453,7 @@ def _prune(
             rank = (f_first << pos_bits) | f_p1
             replay = np.flatnonzero(contested)
             replay = replay[np.argsort(rank[replay])]
-            _replay(replay.tolist(), owner, alive, members, counts, f_seq, span_len, offsets, accept, keep)
+            _replay(replay.tolist(), alive, members, counts, f_seq, span_len, offsets, accept, keep)
         kept = members[keep]
         for j in range(span_len):
             taken[kept + j] = True
@@ -470,7 +472,21 @@ def _prune(
     seq, lengths, token_first, p1, counts, members = (
         np.concatenate(col) for col in zip(*accepted, strict=True)
     )
-    order = np.lexsort((p1, token_first, -lengths, seq))
+    # The authors' order: sequence, longest first, first appearance of the first token, first
+    # occurrence. One packed-key argsort (np.lexsort is ~20x slower at these sizes).
+    base = offsets[seq]
+    local_bits = max(1, int(np.diff(offsets).max()).bit_length())
+    len_bits = max(1, int(lengths.max()).bit_length())
+    if max(1, len(offsets).bit_length()) + len_bits + 2 * local_bits <= 62:
+        order = np.argsort(
+            (
+                ((seq << len_bits | (lengths.max() - lengths)) << local_bits | (token_first - base))
+                << local_bits
+            )
+            | (p1 - base)
+        )
+    else:
+        order = np.lexsort((p1, token_first, -lengths, seq))
     # Members are grouped by cluster in `accepted` order; regroup them in the authors' order.
     member_start = np.concatenate(([0], np.cumsum(counts)))
     counts = counts[order]
@@ -482,7 +498,6 @@ def _prune(
 
 def _replay(
     replay: list[int],
-    owner: np.ndarray,
     alive: np.ndarray,
     members: np.ndarray,
     counts: np.ndarray,
@@ -497,27 +512,28 @@ def _replay(
     Only peers at this level matter: longer levels are already excluded through `alive`, and an
     uncontested cluster overlaps no live occurrence. Updates `accept` and `keep` in place.
     """
-    member_start = np.concatenate(([0], np.cumsum(counts))).tolist()
+    member_start = np.concatenate(([0], np.cumsum(counts)))
+    lo = member_start[replay].tolist()
+    hi = member_start[np.asarray(replay) + 1].tolist()
+    base = offsets[f_seq[replay]].tolist()
+    seqs = f_seq[replay].tolist()
     live = alive.tolist()
     starts = members.tolist()
-    seqs = f_seq.tolist()
     span = (1 << span_len) - 1
     taken: dict[int, int] = {}  # per sequence: bitmask of tokens (relative to its start) taken here
-    for c in replay:
-        s = seqs[c]
-        base = int(offsets[s])
+    won: list[int] = []
+    kept: list[int] = []
+    for c, s, b, first, last in zip(replay, seqs, base, lo, hi, strict=True):
         mask = taken.get(s, 0)
-        idx = [
-            i
-            for i in range(member_start[c], member_start[c + 1])
-            if live[i] and not (mask >> (starts[i] - base)) & span
-        ]
+        idx = [i for i in range(first, last) if live[i] and not (mask >> (starts[i] - b)) & span]
         if len(idx) >= 2:
-            accept[c] = True
-            keep[idx] = True
+            won.append(c)
+            kept.extend(idx)
             for i in idx:
-                mask |= span << (starts[i] - base)
+                mask |= span << (starts[i] - b)
             taken[s] = mask
+    accept[won] = True
+    keep[kept] = True
 
 
 def mask_clusters(
