@@ -196,9 +196,9 @@ def test_overflow_windows_parity(
     assert_same(got, want)
     n_windows = len(got["input_ids"])
     assert n_windows > len(questions) and max(map(len, got["input_ids"])) == max_length
-    # Padding to max_length over windows as run_qa.py does (pad_to_max_length=True).
-    kw["padding"] = "max_length"
-    assert_same(tok(first, second, **kw), hf(first, second, **kw), check_sequence_ids=False)
+    if max_length == 384:  # padding to max_length over windows, as run_qa.py does (pad_to_max_length)
+        kw["padding"] = "max_length"
+        assert_same(tok(first, second, **kw), hf(first, second, **kw), check_sequence_ids=False)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -400,6 +400,7 @@ def test_question_token_appended_when_missing(tmp_path):
 def test_encode_qa_windows_equals_call(
     side, max_length, stride, ours, ours_left, hf_right, hf_left, questions, contexts
 ):
+    # The oracle is transformers itself (our __call__ equals it: test_overflow_windows_parity).
     tok, hf = (ours, hf_right) if side == "right" else (ours_left, hf_left)
     out = tok.encode_qa_windows(
         questions, contexts, max_length=max_length, stride=stride, max_query_length=None
@@ -416,43 +417,28 @@ def test_encode_qa_windows_equals_call(
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
     )
-    assert_same(
-        tok(
-            first,
-            second,
-            truncation=strategy,
-            max_length=max_length,
-            stride=stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-        ),
-        ref,
-        check_sequence_ids=False,
-    )
     w = len(ref["input_ids"])
-    assert out["input_ids"].shape == (w, max(map(len, ref["input_ids"])))
+    lengths = np.array([len(ids) for ids in ref["input_ids"]])
+    assert out["input_ids"].shape == (w, lengths.max())
     assert out["sample_index"].tolist() == ref["overflow_to_sample_mapping"]
+    assert out["lengths"].tolist() == lengths.tolist()
+    real = out["attention_mask"].astype(bool)
+    assert real.sum(axis=1).tolist() == lengths.tolist() and real[:, 0].all()
+    # Real tokens, row-major, equal transformers' windows concatenated; padding is [PAD]/0/-1.
+    assert out["input_ids"][real].tolist() == [i for ids in ref["input_ids"] for i in ids]
+    assert out["token_type_ids"][real].tolist() == [t for ts in ref["token_type_ids"] for t in ts]
+    assert not out["input_ids"][~real].any() and not out["token_type_ids"][~real].any()
+    assert (out["offsets"][~real] == -1).all()
     context_seq = 1 if side == "right" else 0
-    for i in range(w):
-        n = len(ref["input_ids"][i])
-        assert out["lengths"][i] == n
-        assert out["input_ids"][i, :n].tolist() == ref["input_ids"][i]
-        assert out["token_type_ids"][i, :n].tolist() == ref["token_type_ids"][i]
-        assert out["attention_mask"][i].tolist() == [1] * n + [0] * (out["input_ids"].shape[1] - n)
-        assert not out["input_ids"][i, n:].any() and not out["token_type_ids"][i, n:].any()
-        seq = ref.sequence_ids(i)
-        want = [
-            list(o) if s == context_seq else [-1, -1]
-            for o, s in zip(ref["offset_mapping"][i], seq, strict=True)
-        ]
-        assert out["offsets"][i, :n].tolist() == want
-        assert (out["offsets"][i, n:] == -1).all()
-        ctx = [j for j, s in enumerate(seq) if s == context_seq]
-        if ctx:
-            assert (out["context_start"][i], out["context_end"][i]) == (ctx[0], ctx[-1] + 1)
-        else:
-            assert out["context_start"][i] == out["context_end"][i]
-        assert ref["input_ids"][i][out["question_position"][i]] == 104
+    seq = np.array([s if s is not None else -1 for i in range(w) for s in ref.sequence_ids(i)])
+    want = np.array([o for offs in ref["offset_mapping"] for o in offs]).reshape(-1, 2)
+    want[seq != context_seq] = -1
+    np.testing.assert_array_equal(out["offsets"][real], want)
+    # context_start/end bracket exactly the context tokens; question_position is [QUESTION].
+    pos = np.broadcast_to(np.arange(real.shape[1]), real.shape)
+    in_ctx = (pos >= out["context_start"][:, None]) & (pos < out["context_end"][:, None])
+    assert in_ctx[real].tolist() == (seq == context_seq).tolist() and not in_ctx[~real].any()
+    assert (out["input_ids"][np.arange(w), out["question_position"]] == 104).all()
     for key in ("input_ids", "token_type_ids", "attention_mask", "offsets", "lengths", "sample_index"):
         assert out[key].dtype == np.int32, key
     assert not out["question_truncated"].any()
@@ -595,8 +581,8 @@ def test_stride_too_large(ours, hf_right, questions, contexts):
 def _encode_sample(tok, questions, contexts):
     right = tok.padding_side == "right"
     return tok(
-        questions[:40] if right else contexts[:40],
-        contexts[:40] if right else questions[:40],
+        questions[:24] if right else contexts[:24],
+        contexts[:24] if right else questions[:24],
         truncation="only_second" if right else "only_first",
         max_length=128,
         stride=32,
