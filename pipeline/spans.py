@@ -175,6 +175,9 @@ STOPWORDS: frozenset[str] = frozenset(
 )
 
 
+_WORD, _OK, _PIECE, _CONTENT = 1, 2, 4, 8
+
+
 @dataclass(frozen=True)
 class VocabTables:
     """Per-token-id facts the validity filters need, so the filters are array lookups.
@@ -189,6 +192,7 @@ class VocabTables:
     piece: np.ndarray
     ok: np.ndarray
     content: np.ndarray
+    flags: np.ndarray  # uint8 bit set of the above per id (WORD|OK|PIECE|CONTENT), plus 0 at index len
 
     @classmethod
     def from_vocab(cls, vocab: Mapping[str, int]) -> VocabTables:
@@ -199,7 +203,10 @@ class VocabTables:
         word = np.fromiter((t.isalnum() for t in tokens), dtype=bool, count=size)
         piece = np.fromiter((t.startswith("##") for t in tokens), dtype=bool, count=size)
         content = np.fromiter((t.lower() not in STOPWORDS for t in tokens), dtype=bool, count=size)
-        return cls(tuple(tokens), word, piece, word | piece, content)
+        ok = word | piece
+        flags = np.zeros(size + 1, dtype=np.uint8)  # the extra last entry stands for out-of-vocab ids
+        flags[:size] = word * _WORD | ok * _OK | piece * _PIECE | content * _CONTENT
+        return cls(tuple(tokens), word, piece, ok, content, flags)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """WordPiece ids back to text: pieces glue onto the previous token, words are space-separated."""
@@ -340,28 +347,26 @@ def _levels(
     vocab = len(tables.word)
     if n == 0:
         return []
-    inside = (ids >= 0) & (ids < vocab)
-    safe = np.where(inside, ids, 0)
-    word = tables.word[safe] & inside
-    content = tables.content[safe] & inside
-    # May the token at q continue an n-gram (ok) / is it a "##" piece? Never across a sequence
-    # start, and False at the sentinel position n, so no bounds checks are needed per level.
-    boundary = np.zeros(n + 1, dtype=bool)
-    boundary[offsets[1:]] = True
-    ok = np.append(tables.ok[safe] & inside, False) & ~boundary
-    piece = np.append(tables.piece[safe] & inside, False) & ~boundary
+    if ids.min() < 0 or ids.max() >= vocab:
+        ids = np.where((ids >= 0) & (ids < vocab), ids, vocab)  # unknown ids: no flags, never repeat
+    # Per position: the id's flags, and a 0 sentinel at n. A token at a sequence start never
+    # continues an n-gram nor counts as the piece after one, so no per-level bounds checks.
+    flags = np.empty(n + 1, dtype=np.uint8)
+    flags[:n] = tables.flags[ids]
+    flags[n] = 0
+    flags[offsets[1:-1]] &= np.uint8(~(_OK | _PIECE) & 0xFF)
     seq_of = np.repeat(np.arange(num_seqs, dtype=np.int64), np.diff(offsets))
     pos_bits = max(1, n.bit_length())
     pos_mask = (1 << pos_bits) - 1
-    if (max(n, num_seqs) * vocab).bit_length() + pos_bits > 62:
+    if (max(n, num_seqs) * (vocab + 1)).bit_length() + pos_bits > 62:
         raise ValueError(f"too many tokens ({n}) in one cluster-search pass")
 
     # Level by level: `cand` are start positions whose l-gram may still repeat and `key` names the
     # l-gram within its sequence: (sequence, token) at l = 1, then (group of the (l-1)-gram,
     # next token). An n-gram with punctuation or special tokens, or starting with "##", fails
     # validity at every occurrence alike, so such positions never become candidates.
-    cand = np.flatnonzero(word)
-    key = seq_of[cand] * vocab + ids[cand]
+    cand = (flags[:n] & _WORD).nonzero()[0]
+    key = seq_of[cand] * (vocab + 1) + ids[cand]
     first_of_token = np.zeros(n, dtype=np.int64)
     found: list[tuple[np.ndarray, ...]] = []
     for length in range(1, max_span_length + 1):
@@ -372,26 +377,27 @@ def _levels(
         packed = np.sort((key << pos_bits) | cand)
         pos = packed & pos_mask
         key = packed >> pos_bits
-        group_start = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
-        group_count = np.diff(np.append(group_start, len(key)))
+        fresh = np.empty(len(key), dtype=bool)
+        fresh[0] = True
+        np.not_equal(key[1:], key[:-1], out=fresh[1:])
+        group_start = fresh.nonzero()[0]
+        group_count = np.diff(group_start, append=len(key))
         repeated = group_count >= 2
         if not repeated.any():
             break
         in_repeated = np.repeat(repeated, group_count)
         pos = pos[in_repeated]
-        group_start = group_start[repeated]
         group_count = group_count[repeated]
         group_start = np.concatenate(([0], np.cumsum(group_count[:-1])))
         group_of = np.repeat(np.arange(len(group_count), dtype=np.int64), group_count)
         p1 = pos[group_start]
         if length == 1:
             first_of_token[pos] = p1[group_of]
-        after = p1 + length
-        valid = ~piece[after]
-        has_content = content[p1]
+        valid = (flags[p1 + length] & _PIECE) == 0
+        has_content = flags[p1] & _CONTENT
         for j in range(1, length):
-            has_content |= content[p1 + j]
-        valid &= has_content
+            has_content |= flags[p1 + j]
+        valid &= (has_content & _CONTENT) != 0
         if valid.any():
             found.append(
                 (
@@ -405,9 +411,9 @@ def _levels(
             )
         # Extend the repeated l-grams whose next token exists in the sequence and may be in a span.
         nxt = pos + length
-        grow = ok[nxt]
+        grow = (flags[nxt] & _OK) != 0
         cand = pos[grow]
-        key = group_of[grow] * vocab + ids[nxt[grow]]
+        key = group_of[grow] * (vocab + 1) + ids[nxt[grow]]
     return found
 
 
