@@ -586,6 +586,8 @@ class SplinterTokenizer:
         overflow or tensors are requested; for a single pair, an empty `text_pair` is treated as
         no pair (transformers does the same).
         """
+        if return_tensors not in (None, "np", "pt"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
         batched, inputs = _collect_inputs(text, text_pair)
         padding_kind, truncation_kind, max_length = self._resolve_strategies(
             padding, truncation, max_length, pad_to_multiple_of

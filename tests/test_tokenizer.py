@@ -553,6 +553,10 @@ def test_bad_input(ours, questions, contexts):
         ours.encode_qa_windows(["q"], ["a", "b"])
     with pytest.raises(ValueError, match="padding"):
         ours("a", padding="sideways")
+    with pytest.raises(ValueError, match="return_tensors"):
+        ours("a", return_tensors="tf")
+    with pytest.raises(ValueError, match="truncation"):
+        ours("a", truncation="only_middle")
     assert ours("", "")["input_ids"] == [101, 102]  # transformers drops an empty single text_pair too
     assert ours([""], [""])["input_ids"] == [[101, 104, 119, 102, 102]]
 
