@@ -11,6 +11,7 @@ tensors anyway, so a map is needed regardless, and one map is simpler than a map
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ def _activation(name: str) -> Any:
     if name == "gelu":
         return F.gelu
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        # All three are the tanh approximation 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3))).
-        return lambda x: F.gelu(x, approximate="tanh")
+        # All three are the tanh approximation 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3))); a partial, not a
+        # lambda, so a whole model still pickles.
+        return functools.partial(F.gelu, approximate="tanh")
     if name == "relu":
         return F.relu
     if name in ("silu", "swish"):
