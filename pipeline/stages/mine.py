@@ -238,6 +238,9 @@ class RecurringSpanMiner:
     # ------------------------------------------------------------------ stage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in ("doc_id", "text") if name not in batch]
+        if missing:
+            raise ValueError(f"the mining stage needs columns 'doc_id' and 'text'; missing {missing}")
         texts = batch["text"]
         doc_ids = ["" if d is None else str(d) for d in batch["doc_id"]]
         num_docs = len(texts)
