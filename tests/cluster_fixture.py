@@ -89,6 +89,8 @@ def local_cluster(num_cpus: int = 2, start_timeout_s: float = 90.0) -> Iterator[
         RAY_AUTH_MODE="token",  # with no token, `ray start` refuses to start rather than run open
         RAY_AUTH_TOKEN=token,
         RAY_USAGE_STATS_ENABLED="0",
+        # A throwaway cluster: skip the up-to-30 s node drain that SIGTERM starts with.
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
         RAY_DATA_DISABLE_PROGRESS_BARS="1",
         TOKENIZERS_PARALLELISM="false",
         **{MARKER: marker},
@@ -107,6 +109,7 @@ def local_cluster(num_cpus: int = 2, start_timeout_s: float = 90.0) -> Iterator[
         f"--metrics-export-port={free_port()}",
         f"--node-manager-port={free_port()}",
         f"--object-manager-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",  # else 10001, shared with every other cluster
         f"--num-cpus={num_cpus}",
         "--num-gpus=0",
         f"--object-store-memory={512 * 1024 * 1024}",

@@ -155,7 +155,7 @@ def test_refused_without_the_right_token(
 
 
 def test_no_wait_bare_address_and_duplicate_id(cluster: LocalCluster) -> None:
-    """--no-wait returns once accepted; RAY_ADDRESS may be bare host:port; a reused id is refused."""
+    """--no-wait returns once accepted; RAY_ADDRESS may be bare host:port; --address beats it; a reused id is refused."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     job_id = f"splinter-test-{uuid.uuid4().hex[:8]}"
@@ -167,9 +167,7 @@ def test_no_wait_bare_address_and_duplicate_id(cluster: LocalCluster) -> None:
     flag = ("--address", cluster.address, *args)
     code, output = splinter_submit(cluster, *flag, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
     assert code == EXIT_NOT_SUBMITTED and "refused the job" in output and "already exists" in output, output
+    # The job went on without us: it is known to the cluster, and we end it (no need to wait).
     client = JobSubmissionClient(cluster.address, headers={"Authorization": f"Bearer {cluster.token}"})
-    deadline = time.monotonic() + 120
-    while not (status := client.get_job_status(job_id)).is_terminal():
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    assert status == JobStatus.SUCCEEDED
+    assert client.get_job_status(job_id) in {JobStatus.PENDING, JobStatus.RUNNING, JobStatus.SUCCEEDED}
+    client.stop_job(job_id)
