@@ -13,6 +13,7 @@ import torch
 from pipeline.spans import (
     STOPWORDS,
     ClusterBatch,
+    find_span_clusters,
     mask_clusters,
     pack_segments,
     question_budget,
@@ -60,6 +61,12 @@ def _sequences(miner: RecurringSpanMiner, batch: dict[str, np.ndarray]) -> list[
     return [seq for segments in miner.tokenize_lines(texts) for seq in miner.chunk(segments)]
 
 
+def _clusters(miner: RecurringSpanMiner, seqs: list[list[int]], max_span: int) -> ClusterBatch:
+    offsets = np.concatenate(([0], np.cumsum([len(s) for s in seqs]))).astype(np.int64)
+    flat = np.array([t for s in seqs for t in s], dtype=np.int64)
+    return find_span_clusters(flat, offsets, miner.tables, max_span)
+
+
 def _tokens(miner: RecurringSpanMiner, ids: list[int] | np.ndarray) -> list[str]:
     return [miner.tables.tokens[i] for i in ids]
 
@@ -90,11 +97,7 @@ def test_clusters_equal_all_pairs_oracle_on_wikipedia(miner, wiki):
     for max_span in (10, 3):
         for b in (batch, long_batch):
             seqs = _sequences(miner, b)
-            miner.max_span_length = max_span
-            try:
-                clusters = miner.find_clusters(seqs)
-            finally:
-                miner.max_span_length = 10
+            clusters = _clusters(miner, seqs, max_span)
             assert sum(clusters.count(s) for s in range(len(seqs))) > 3 * len(seqs) // 2
             for s, seq in enumerate(seqs):
                 assert clusters.as_spans(s) == oracle_clusters(_tokens(miner, seq), max_span), s
@@ -113,11 +116,7 @@ def test_clusters_equal_oracle_on_adversarial_repetition(miner):
         if trial % 2:
             seq = [CLS, *seq, SEP]
         for max_span in (10, 2):
-            miner.max_span_length = max_span
-            try:
-                got = miner.find_clusters([seq, seq[::-1]])
-            finally:
-                miner.max_span_length = 10
+            got = _clusters(miner, [seq, seq[::-1]], max_span)
             assert got.as_spans(0) == oracle_clusters(_tokens(miner, seq), max_span)
             assert got.as_spans(1) == oracle_clusters(_tokens(miner, seq[::-1]), max_span)
 
@@ -243,6 +242,7 @@ def test_original_layout_pads_inner_tokens(miner, original_miner, wiki):
             assert (mask[s[j] : e[j] + 1] == 1).all()
         labels = {t for a, b in zip(s, e, strict=True) for t in range(a, b + 1)}
         assert not masked & labels
+        assert len(q) <= question_budget(len(ids), 30)  # the original layout keeps every position
         assert np.array_equal(pos[q], c["question_positions"])
         assert np.array_equal(pos[s], c["start_positions"]) and np.array_equal(pos[e], c["end_positions"])
     assert padded_spans > 0
