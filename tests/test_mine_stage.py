@@ -282,6 +282,11 @@ def test_same_rows_for_any_batching(miner, wiki):
     )
     assert differs  # the seed matters
     assert np.array_equal(np.unique(whole["_source"]), np.arange(36))
+    for i in range(36):  # seq_index runs 0, 1, ... over each document's rows
+        rows = whole["seq_index"][whole["_source"] == i]
+        assert rows.tolist() == (
+            [-1] if whole["skip_reason"][whole["_source"] == i][0] else list(range(len(rows)))
+        )
 
 
 def test_bad_inputs_are_accounted(miner, wiki):

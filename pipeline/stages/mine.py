@@ -106,7 +106,7 @@ class RecurringSpanMiner:
 
     Output columns (all object arrays hold 1-D numpy arrays, int32 unless noted):
     `_source` int64 (input row), `skip_reason` str ("" for sequences), `doc_id` str, `seq_index`
-    int32 (chunk index within the document; -1 on skip rows), `input_ids`, `attention_mask`,
+    int32 (0, 1, ... over the document's emitted sequences; -1 on skip rows), `input_ids`, `attention_mask`,
     `token_type_ids` (zeros), `question_positions`, `start_positions`, `end_positions`,
     `masked_spans` (object array of Python lists of str, one per question: Arrow list<string>),
     `position_ids` (layout "original" only), `num_tokens` int32, `num_questions` int32.
@@ -257,7 +257,6 @@ class RecurringSpanMiner:
 
         # Sequences of all usable documents, back to back.
         seq_doc: list[int] = []
-        seq_chunk: list[int] = []
         sequences: list[list[int]] = []
         for i, segments in zip(usable, self._tokenize_guarded(usable_texts), strict=True):
             if segments is None:
@@ -266,10 +265,9 @@ class RecurringSpanMiner:
             if sum(len(s) for s in segments) < max(self.min_doc_tokens, 1):
                 reasons[i] = "too_short"
                 continue
-            for k, seq in enumerate(self.chunk(segments)):
+            for seq in self.chunk(segments):
                 sequences.append(seq)
                 seq_doc.append(i)
-                seq_chunk.append(k)
         seq_len = [len(s) for s in sequences]
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(seq_len, out=offsets[1:])
@@ -303,7 +301,6 @@ class RecurringSpanMiner:
             doc_ids=doc_ids,
             reasons=reasons,
             seq_doc=seq_doc,
-            seq_chunk=seq_chunk,
             flat=flat,
             flat_list=flat_list,
             offsets=offsets,
@@ -317,7 +314,6 @@ class RecurringSpanMiner:
         doc_ids: list[str],
         reasons: list[str],
         seq_doc: list[int],
-        seq_chunk: list[int],
         flat: np.ndarray,
         flat_list: list[int],
         offsets: np.ndarray,
@@ -400,13 +396,13 @@ class RecurringSpanMiner:
                 for name, value in values.items():
                     cols[name].append(value)
                 continue
-            for s in rows:
+            for k, s in enumerate(rows):
                 a, b = bounds[s], bounds[s + 1]
                 qa, qb = q_bounds[s], q_bounds[s + 1]
                 cols["_source"].append(i)
                 cols["skip_reason"].append("")
                 cols["doc_id"].append(doc_ids[i])
-                cols["seq_index"].append(seq_chunk[s])
+                cols["seq_index"].append(k)  # dense, so seq_index == 0 counts used documents
                 cols["input_ids"].append(out_ids[a:b])
                 cols["attention_mask"].append(attention[a:b])
                 cols["token_type_ids"].append(types[a:b])
