@@ -11,6 +11,7 @@ Isolation from everything else on the machine:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -119,7 +120,14 @@ def local_cluster(num_cpus: int = 2, start_timeout_s: float = 90.0) -> Iterator[
     ]  # fmt: skip
     log = base / "ray-start.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     cluster = LocalCluster(address=address, token=token, home=home, temp_dir=temp_dir, log=log, env=env)
     try:
         deadline = time.monotonic() + start_timeout_s
@@ -134,6 +142,12 @@ def local_cluster(num_cpus: int = 2, start_timeout_s: float = 90.0) -> Iterator[
         _stop(proc, marker)
         shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if pytest itself is killed (CI timeout), so no cluster outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _stop(proc: subprocess.Popen, marker: str) -> None:
