@@ -222,7 +222,8 @@ def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
     reason = np.where(pd_isnull(reason), "", reason)
     read_err = np.asarray(batch["_error"], dtype=object)
     reason = np.where(read_err != "", read_err, reason)  # a read failure is the real reason
-    batch = {**batch, spec.reason_column: reason}
+    # Kept rows store "no reason" as null, not as an empty string.
+    batch = {**batch, spec.reason_column: reason, "_reason_out": np.where(reason == "", None, reason)}
     fs, root = filesystem(output)
     for shard in np.unique(batch["_shard"]).tolist():
         mask = batch["_shard"] == shard
@@ -230,7 +231,7 @@ def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
         src = part["_src"]
         keep = part[spec.reason_column] == "" if spec.drop_reason_rows else np.ones(int(mask.sum()), dtype=bool)
         data = {k: v[keep] for k, v in part.items()}
-        table = to_table(data, spec.schema, extra=("_row", "_sub"))
+        table = to_table({**data, spec.reason_column: data["_reason_out"]}, spec.schema, extra=("_row", "_sub"))
         stats: dict[str, Any] = {"rows_in": int(src.sum()), "rows_out": table.num_rows,
                                  "skipped" if spec.drop_reason_rows else "errors":
                                      _reason_counts(part[spec.reason_column], src)}
@@ -502,8 +503,10 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Callable[
             if res.tasks:
                 common["compute"] = ray.data.TaskPoolStrategy(size=res.tasks)
             ds = ds.map_batches(_task_stage, fn_kwargs={"stage": stage}, **common)
+    # batch_size=None: write each block as it arrives. A fixed size would make the writer wait for
+    # that many rows, holding back commits (and progress) until the end of small jobs.
     ds = ds.map_batches(_ray_write, fn_kwargs={"spec": spec, "output": output},
-                        batch_size=spec.write_batch_size, batch_format="numpy", num_cpus=0.5)
+                        batch_size=None, batch_format="numpy", num_cpus=0.5)
 
     commit = ray.remote(num_cpus=0.25, max_retries=3)(_remote_commit)
     pending: list[Any] = []
@@ -525,6 +528,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to the cluster named by `address` or RAY_ADDRESS; otherwise start an embedded local Ray."""
     import ray
 
+    # Our driver prints one line per committed shard; Ray Data's own progress log would drown it.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

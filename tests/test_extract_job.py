@@ -1,0 +1,144 @@
+"""The bulk QA job end to end: real SQuAD rows, bad rows, Ray == local, a killed model actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import DATA
+
+from pipeline.config import ConfigError, ExtractConfig
+from pipeline.extract import run_extract
+
+SQUAD = DATA / "squad_sample.json"
+
+
+def _read(out: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("shard-*.parquet"))])
+
+
+def _bad_rows(tmp_path: Path) -> Path:
+    ctx = "Splinter was introduced in 2021 by Ori Ram and colleagues at Tel Aviv University."
+    rows = [
+        {"id": "ok", "question": "Who introduced Splinter?", "context": ctx},
+        {"id": "empty-context", "question": "Who?", "context": ""},
+        {"id": "no-question", "context": ctx},
+        {"id": "int-question", "question": 7, "context": ctx},
+        {"id": "long", "question": "What?", "context": "word " * 5000},
+        {"id": "many", "question": ["When was Splinter introduced?", "Where?", None], "context": ctx},
+    ]
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(3, "{broken json")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_rows_get_errors_and_nothing_is_lost(tmp_path, tiny_qa_model):
+    cfg = ExtractConfig(input=[str(_bad_rows(tmp_path))], output=str(tmp_path / "out"), model=str(tiny_qa_model),
+                        max_context_chars=10_000, local=True)
+    stats = run_extract(cfg)
+    table = _read(tmp_path / "out").to_pylist()
+    by_id = {r["id"]: r for r in table}
+    assert len(table) == stats["rows_in"] == stats["rows_out"] == 9  # 5 rows + 3 questions + the broken line
+    assert by_id["ok"]["error"] is None and by_id["ok"]["answer"]
+    ctx = "Splinter was introduced in 2021 by Ori Ram and colleagues at Tel Aviv University."
+    assert ctx[by_id["ok"]["start_char"]:by_id["ok"]["end_char"]] == by_id["ok"]["answer"]
+    assert by_id["empty-context"]["error"] == "empty_context"
+    assert by_id["no-question"]["error"] == "missing_question_column"
+    assert by_id["int-question"]["error"] == "question_not_string"
+    assert by_id["long"]["error"] == "context_too_long"
+    assert by_id["many#0"]["answer"] and by_id["many#1"]["answer"]
+    assert by_id["many#2"]["error"] == "question_not_string"
+    broken = [r for r in table if r["error"] == "invalid_json"]
+    assert len(broken) == 1 and broken[0]["answer"] is None
+    assert all(r["answer"] is None for r in table if r["error"])
+    assert stats["errors"]["invalid_json"] == 1
+
+
+def test_ray_matches_local_on_real_squad(tmp_path, tiny_qa_model, ray_session):
+    common = dict(input=[str(SQUAD)], model=str(tiny_qa_model), shard_rows=150, batch_size=64, n_best=3)
+    run_extract(ExtractConfig(output=str(tmp_path / "local"), local=True, **common))
+    stats = run_extract(ExtractConfig(output=str(tmp_path / "ray"), **common))
+    local, ray_out = _read(tmp_path / "local"), _read(tmp_path / "ray")
+    gold_ids = [q["id"] for a in json.loads(SQUAD.read_text())["data"] for p in a["paragraphs"] for q in p["qas"]]
+    assert ray_out["id"].to_pylist() == gold_ids  # every question once, in input order
+    assert stats["rows_in"] == len(gold_ids) >= 200
+    for col in ("id", "answer", "start_char", "end_char", "error", "nbest_answers"):
+        assert ray_out[col].to_pylist() == local[col].to_pylist(), col
+    np.testing.assert_allclose(ray_out["score"].to_numpy(), local["score"].to_numpy(), rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "ray" / "_SUCCESS").is_file()
+
+
+def test_config_errors_are_clear(tmp_path, tiny_qa_model):
+    with pytest.raises(ConfigError, match="model directory not found"):
+        ExtractConfig(input=[str(SQUAD)], output=str(tmp_path / "o"), model=str(tmp_path / "nope")).validate()
+    with pytest.raises(ConfigError, match="stride"):
+        ExtractConfig(input=[str(SQUAD)], output="o", model=str(tiny_qa_model), stride=300).validate()
+    with pytest.raises(ConfigError, match="input not found"):
+        ExtractConfig(input=[str(tmp_path / "missing.jsonl")], output="o", model=str(tiny_qa_model)).validate()
+
+
+def _model_actor_pids() -> list[int]:
+    """PIDs of this Ray instance's model actors: Ray titles them `ray::MapWorker(...(_ActorStage))`."""
+    import ray._private.worker
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::MapWorker(") and b"_ActorStage" in cmd and _parent(entry) == raylet:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _parent(proc: Path) -> int:
+    try:
+        status = (proc / "status").read_text()
+    except OSError:  # the process ended meanwhile
+        return -1
+    for line in status.splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    return -1
+
+
+def test_killed_model_actor_is_restarted_and_nothing_is_lost(tmp_path, tiny_qa_model, ray_session):
+    common = dict(input=[str(SQUAD)], model=str(tiny_qa_model), shard_rows=40, batch_size=4)
+    clean = tmp_path / "clean"
+    run_extract(ExtractConfig(output=str(clean), local=True, **common))
+
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 120
+        # Wait until the job is mid-way: the model actor has answered a first batch, more to come.
+        while time.time() < deadline and not list(out.glob("_staging/*/part-*.parquet")):
+            time.sleep(0.02)
+        for pid in _model_actor_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    stats = run_extract(ExtractConfig(output=str(out), **common))
+    thread.join()
+    assert killed, "no model actor was found to kill"
+    result = _read(out)
+    expected = _read(clean)
+    assert result["id"].to_pylist() == expected["id"].to_pylist()
+    assert result["answer"].to_pylist() == expected["answer"].to_pylist()
+    assert stats["rows_in"] == stats["rows_out"] == expected.num_rows
