@@ -340,37 +340,48 @@ def _status_of(err: Exception) -> int | None:
 
 def _follow(client: Any, job_id: str, log: Callable[[str], Any]) -> str:
     """Stream the job's logs until it ends, then return its terminal status."""
+    lines = _Lines(log)
     try:
-        asyncio.run(_tail(client, job_id, log))
+        asyncio.run(_tail(client, job_id, lines))
     except Exception as err:  # the websocket is a convenience (proxies may block it); polling is the truth
-        log(f"(log stream unavailable: {err}; polling instead)")
-        _poll_logs(client, job_id, log)
+        log(f"(log stream interrupted: {err}; polling instead)")
+        _poll_logs(client, job_id, lines)
+    lines.flush()
     # The stream closes when the driver exits; the status may lag it by a moment.
     while not (status := client.get_job_status(job_id)).is_terminal():
         time.sleep(0.5)
     return str(status)
 
 
-async def _tail(client: Any, job_id: str, log: Callable[[str], Any]) -> None:
-    pending = ""
+class _Lines:
+    """Turns log text arriving in arbitrary chunks into whole lines, and counts what it has seen."""
+
+    def __init__(self, log: Callable[[str], Any]) -> None:
+        self.log, self.pending, self.seen = log, "", 0
+
+    def feed(self, text: str) -> None:
+        self.seen += len(text)
+        *whole, self.pending = (self.pending + text).split("\n")
+        for line in whole:
+            self.log(line)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.log(self.pending)
+            self.pending = ""
+
+
+async def _tail(client: Any, job_id: str, lines: _Lines) -> None:
     async for chunk in client.tail_job_logs(job_id):
-        pending += chunk
-        *lines, pending = pending.split("\n")
-        for line in lines:
-            log(line)
-    if pending:
-        log(pending)
+        lines.feed(chunk)
 
 
-def _poll_logs(client: Any, job_id: str, log: Callable[[str], Any], every_s: float = 1.0) -> None:
-    """Fallback when the websocket is blocked (some proxies): print new log text every second."""
-    shown = 0
+def _poll_logs(client: Any, job_id: str, lines: _Lines, every_s: float = 1.0) -> None:
+    """Fallback when the websocket fails (some proxies block it): fetch the log, show what is new."""
     while True:
         done = client.get_job_status(job_id).is_terminal()
         text = client.get_job_logs(job_id)
-        for line in text[shown:].splitlines():
-            log(line)
-        shown = len(text)
+        lines.feed(text[lines.seen :])  # resumes where the stream stopped: nothing shown twice
         if done:
             return
         time.sleep(every_s)

@@ -84,6 +84,17 @@ def test_submit_function_streams_logs_and_succeeds(
     assert lines[0].startswith("submitted raysubmit_") and "python -m splinter.cli mine --help" in lines[0]
     assert "Usage:" in text and "--max-span-length" in text  # the job's own output, streamed back
     assert lines[-1].endswith("SUCCEEDED")
+    # The polling fallback (for proxies that block the websocket) shows the same log, line for line.
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.submit import _Lines, _poll_logs
+
+    job_id = lines[0].split()[1]
+    polled: list[str] = []
+    client = JobSubmissionClient(cluster.address, headers={"Authorization": f"Bearer {cluster.token}"})
+    _poll_logs(client, job_id, collector := _Lines(polled.append))
+    collector.flush()
+    assert polled == lines[1:-1]
 
 
 def test_mine_job(cluster: LocalCluster, tmp_path: Path) -> None:

@@ -189,6 +189,18 @@ def test_auth_messages_say_what_to_do() -> None:
         assert "\n" not in message and AUTH_HINT in message and "RAY_AUTH_TOKEN" in message
 
 
+def test_log_chunks_become_whole_lines() -> None:
+    from pipeline.submit import _Lines
+
+    got: list[str] = []
+    lines = _Lines(got.append)
+    for chunk in ("a\nb", "c\n", "", "d\n\ne"):
+        lines.feed(chunk)
+    assert got == ["a", "bc", "d", ""] and lines.seen == 9
+    lines.flush()
+    assert got[-1] == "e"
+
+
 # ----------------------------------------------------------------------------- refusals, no cluster
 def test_submit_to_nothing_listening_is_one_clear_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
