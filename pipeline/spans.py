@@ -377,19 +377,21 @@ def _levels(
         packed = np.sort((key << pos_bits) | cand)
         pos = packed & pos_mask
         key = packed >> pos_bits
-        fresh = np.empty(len(key), dtype=bool)
+        fresh = np.empty(len(key), dtype=bool)  # first element of its group
         fresh[0] = True
         np.not_equal(key[1:], key[:-1], out=fresh[1:])
-        group_start = fresh.nonzero()[0]
-        group_count = np.diff(group_start, append=len(key))
-        repeated = group_count >= 2
-        if not repeated.any():
+        # An element is in a repeated group iff it equals a neighbour.
+        same_as_next = ~fresh[1:]
+        in_repeated = np.zeros(len(key), dtype=bool)
+        in_repeated[1:] = same_as_next
+        in_repeated[:-1] |= same_as_next
+        if not in_repeated.any():
             break
-        in_repeated = np.repeat(repeated, group_count)
         pos = pos[in_repeated]
-        group_count = group_count[repeated]
-        group_start = np.concatenate(([0], np.cumsum(group_count[:-1])))
-        group_of = np.repeat(np.arange(len(group_count), dtype=np.int64), group_count)
+        fresh = fresh[in_repeated]
+        group_start = fresh.nonzero()[0]
+        group_count = np.diff(group_start, append=len(pos))
+        group_of = np.cumsum(fresh) - 1
         p1 = pos[group_start]
         if length == 1:
             first_of_token[pos] = p1[group_of]
