@@ -99,6 +99,8 @@ def check_entrypoint(entrypoint: str) -> list[str]:
             [sys.executable, "-m", argv[2], "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
         )
         assert result.returncode == 0, f"`python -m {argv[2]} --help` failed:\n{result.stderr}"
+        # jobs.<name> takes exactly the arguments of `splinter <name>` (see jobs/*.py): parse them so.
+        check_splinter_args([argv[2].removeprefix("jobs."), *argv[3:]])
     else:
         pytest.fail(f"entrypoint is not a command of this project: {entrypoint!r}")
     return argv
@@ -111,6 +113,7 @@ def test_check_entrypoint_catches_mistakes() -> None:
         "splinter mine in out --no-such-flag",
         "splinter extract only-input",
         "python -m jobs.no_such_job",
+        "python -m jobs.extract in out --no-such-flag",
         "python train.py",
         "splinter submit --address http://h:8265 -- mine in out --bogus",
     ):
