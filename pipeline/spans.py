@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -368,7 +369,7 @@ def _levels(
     cand = (flags[:n] & _WORD).nonzero()[0]
     key = seq_of[cand] * (vocab + 1) + ids[cand]
     first_of_token = np.zeros(n, dtype=np.int64)
-    found: list[tuple[np.ndarray, ...]] = []
+    found: list[tuple[Any, ...]] = []
     for length in range(1, max_span_length + 1):
         if len(cand) < 2:
             break
@@ -401,22 +402,17 @@ def _levels(
             has_content |= flags[p1 + j]
         valid &= (has_content & _CONTENT) != 0
         if valid.any():
-            found.append(
-                (
-                    seq_of[p1[valid]],
-                    np.full(int(valid.sum()), length, dtype=np.int64),
-                    first_of_token[p1[valid]],
-                    p1[valid],
-                    group_count[valid],
-                    pos[valid[group_of]],
-                )
-            )
+            found.append((length, p1[valid], group_count[valid], pos[valid[group_of]]))
         # Extend the repeated l-grams whose next token exists in the sequence and may be in a span.
         nxt = pos + length
         grow = (flags[nxt] & _OK) != 0
         cand = pos[grow]
         key = group_of[grow] * (vocab + 1) + ids[nxt[grow]]
-    return found
+    # Sequence and token_first are filled in here, in one gather each rather than per level.
+    return [
+        (seq_of[p1], np.full(len(p1), length, dtype=np.int64), first_of_token[p1], p1, counts, members)
+        for length, p1, counts, members in found
+    ]
 
 
 def _prune(
@@ -435,36 +431,39 @@ def _prune(
     pos_bits = max(1, n.bit_length())
     taken = np.zeros(n, dtype=bool)
     accepted: list[tuple[np.ndarray, ...]] = []
-    for f_seq, f_len, f_first, f_p1, counts, members in reversed(found):  # longest first
+    for level in range(len(found) - 1, -1, -1):  # longest first
+        f_seq, f_len, f_first, f_p1, counts, members = found[level]
         span_len = int(f_len[0])
         num = len(f_seq)
         owner = np.repeat(np.arange(num, dtype=np.int64), counts)
         alive = ~taken[members]
         for j in range(1, span_len):
             alive &= ~taken[members + j]
-        # Equal-length occurrences overlap iff their starts are closer than the length, so only
-        # neighbours in start order need checking (starts are unique within a level). Single
-        # tokens never overlap.
-        crowded = np.zeros(len(members), dtype=bool)
-        if span_len > 1:
+        accept = np.bincount(owner[alive], minlength=num) >= 2
+        contested = None
+        if span_len > 1:  # single tokens never overlap
+            # Equal-length occurrences overlap iff their starts are closer than the length, so
+            # only neighbours in start order need checking (starts are unique within a level).
             live = alive.nonzero()[0]
             by_start = np.sort((members[live] << pos_bits) | live)
             live = by_start & ((1 << pos_bits) - 1)
             close = np.diff(by_start >> pos_bits) < span_len
+            crowded = np.zeros(len(members), dtype=bool)
             crowded[live[:-1][close]] = True
             crowded[live[1:][close]] = True
-        contested = np.bincount(owner[crowded], minlength=num) > 0
-        accept = ~contested & (np.bincount(owner[alive], minlength=num) >= 2)
+            contested = np.bincount(owner[crowded], minlength=num) > 0
+            accept &= ~contested
         keep = alive & accept[owner]
-        if contested.any():
+        if contested is not None and contested.any():
             # Within one sequence, the authors' order at a fixed length is (token_first, p1).
             rank = (f_first << pos_bits) | f_p1
             replay = np.flatnonzero(contested)
             replay = replay[np.argsort(rank[replay])]
             _replay(replay.tolist(), alive, members, counts, f_seq, span_len, offsets, accept, keep)
         kept = members[keep]
-        for j in range(span_len):
-            taken[kept + j] = True
+        if level > 0:  # the shortest level is last: nothing reads `taken` after it
+            for j in range(span_len):
+                taken[kept + j] = True
         picked = np.flatnonzero(accept)
         accepted.append(
             (
