@@ -31,8 +31,8 @@ class RunConfig:
     output: str = ""
     input_format: str = "auto"
     # Rows per shard for Parquet / SQuAD, bytes per shard for JSONL. A shard is the unit of commit and resume.
-    shard_rows: int = 20_000
-    shard_bytes: int = 32 << 20
+    shard_rows: int = 5_000
+    shard_bytes: int = 4 << 20
     resume: bool = False
     overwrite: bool = False
     # "auto": RAY_ADDRESS if set, else an embedded local Ray; "none": a plain local loop without Ray.
