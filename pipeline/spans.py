@@ -305,10 +305,12 @@ def find_span_clusters(
     offsets = np.asarray(offsets, dtype=np.int64)
     num_seqs = len(offsets) - 1
     parts: list[tuple[np.ndarray, ...]] = []
-    # Keys and positions are packed into one int64 (see _levels); cap the tokens per pass so they fit.
+    # Keys and positions are packed into one int64 (see _levels): (group < n) * vocab, then n
+    # positions. Cap the tokens per pass so 2 * log2(n) + log2(vocab) stays below 62 bits.
+    pass_tokens = min(_MAX_PASS_TOKENS, 1 << ((61 - (len(tables.word) + 1).bit_length()) // 2))
     first = 0
     while first < num_seqs:
-        last = int(np.searchsorted(offsets, offsets[first] + _MAX_PASS_TOKENS, side="right")) - 1
+        last = int(np.searchsorted(offsets, offsets[first] + pass_tokens, side="right")) - 1
         last = min(max(last, first + 1), num_seqs)
         base = int(offsets[first])
         part_offsets = offsets[first : last + 1] - base
@@ -329,8 +331,8 @@ def find_span_clusters(
     )
 
 
-# Sequences of one pass hold at most this many tokens in total (a longer single sequence still
-# runs alone): 2 * 22 position bits + 16 token-id bits + 1 sign bit < 64.
+# Sequences of one pass hold at most this many tokens in total (fewer for a vocabulary above
+# 2^15 ids; a longer single sequence still runs alone). Also bounds a pass's memory.
 _MAX_PASS_TOKENS = 1 << 22
 
 

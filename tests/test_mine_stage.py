@@ -121,6 +121,17 @@ def test_clusters_equal_oracle_on_adversarial_repetition(miner):
             assert got.as_spans(1) == oracle_clusters(_tokens(miner, seq[::-1]), max_span)
 
 
+def test_search_split_into_passes_gives_the_same_clusters(miner, wiki, monkeypatch):
+    import pipeline.spans
+
+    seqs = _sequences(miner, _docs(wiki, 40, per_doc=2))
+    whole = _clusters(miner, seqs, 10)
+    monkeypatch.setattr(pipeline.spans, "_MAX_PASS_TOKENS", 700)  # a few sequences per pass
+    split = _clusters(miner, seqs, 10)
+    assert all(whole.as_spans(s) == split.as_spans(s) for s in range(len(seqs)))
+    assert split.first == whole.first and split.starts == whole.starts
+
+
 def test_first_occurrences_are_valid(miner, wiki):
     seqs = _sequences(miner, _docs(wiki, 60, per_doc=3))
     clusters = miner.find_clusters(seqs)
