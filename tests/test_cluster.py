@@ -77,8 +77,12 @@ def test_submit_function_streams_logs_and_succeeds(
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+    # A working dir makes the client upload a package first: that request must carry the token too.
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("shipped with the job\n")
     lines: list[str] = []
-    code = submit(["mine", "--help"], address=cluster.address, log=lines.append)
+    code = submit(["mine", "--help"], address=cluster.address, working_dir=str(workdir), log=lines.append)
     text = "\n".join(lines)
     assert code == EXIT_SUCCEEDED, text
     assert lines[0].startswith("submitted raysubmit_") and "python -m splinter.cli mine --help" in lines[0]
@@ -95,6 +99,8 @@ def test_submit_function_streams_logs_and_succeeds(
     _poll_logs(client, job_id, collector := _Lines(polled.append))
     collector.flush()
     assert polled == lines[1:-1]
+    # The working dir went up to the cluster as a package, under the same token.
+    assert client.get_job_info(job_id).runtime_env["working_dir"].startswith("gcs://_ray_pkg_")
 
 
 def test_mine_job(cluster: LocalCluster, tmp_path: Path) -> None:
