@@ -6,6 +6,7 @@ subprocess with its own HOME and environment, as a user's shell would run it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import time
@@ -28,6 +29,10 @@ WIKI = ROOT / "data" / "wiki_sample.jsonl"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
+    if importlib.util.find_spec("aiohttp_cors") is None:
+        pytest.fail(
+            "the Ray dashboard (Jobs API) needs ray[default]: depend on `ray[data,default]` in pyproject.toml"
+        )
     with local_cluster(num_cpus=2) as running:
         yield running
 
