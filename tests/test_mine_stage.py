@@ -351,8 +351,12 @@ def test_bad_inputs_are_accounted(miner, wiki):
     assert reason[19] == {""}
     for r in _rows(out):  # whatever was produced is well formed
         if not r["skip_reason"]:
-            assert (r["input_ids"] != 100).sum() >= 0 and len(r["input_ids"]) <= 512
-            assert len(r["question_positions"]) == len(r["masked_spans"])
+            ids = r["input_ids"]
+            assert len(ids) <= 512 and ids[0] == CLS and ids[-1] == SEP
+            assert (ids[r["question_positions"]] == QUESTION).all()
+            assert len(r["question_positions"]) == len(r["masked_spans"]) == r["num_questions"] > 0
+            for j, (a, b) in enumerate(zip(r["start_positions"], r["end_positions"], strict=True)):
+                assert miner.tables.detokenize(ids[a : b + 1].tolist()) == r["masked_spans"][j]
 
 
 # ---------------------------------------------------------------------------------------- outputs
