@@ -111,7 +111,6 @@ def measure(
             best[name] = min(best[name], cpu(fn))
         if r < max(1, repeats // 2):  # the oracle is slow and steady: fewer rounds
             best["oracle"] = min(best["oracle"], cpu(oracle))
-    rows = sum(len(miner(b)["_source"]) for b in bs[:1])
     return {
         "docs": len(docs),
         "sequences": sum(len(s) for s, _, _ in seq_batches),
@@ -124,7 +123,6 @@ def measure(
         "search_vs_oracle": round(best["oracle"] / best["search"], 1),
         "mining_work_vs_oracle": round(best["oracle"] / max(best["mine"] - best["tokenize"], 1e-9), 1),
         "mine_vs_tokenize": round(best["mine"] / best["tokenize"], 2),
-        "first_batch_rows": rows,
     }
 
 
