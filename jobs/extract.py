@@ -1,23 +1,10 @@
 """Ray job entrypoint: `ray job submit --working-dir . -- python -m jobs.extract ARGS...`.
 
-ARGS are exactly those of `splinter extract` (`--config FILE` takes a YAML/TOML file); the driver
-attaches to the cluster that runs the job (RAY_ADDRESS is set by Ray for job drivers).
+ARGS are exactly those of `splinter extract` (`--config FILE` takes a YAML/TOML file, validated before
+any work starts); the driver attaches to the cluster that runs the job (Ray sets RAY_ADDRESS for it).
 """
 
-from __future__ import annotations
-
-import sys
-
-import typer
-
-from splinter.cli import app
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    command = typer.main.get_command(app).commands["extract"]  # type: ignore[attr-defined]
-    command.main(args=args, prog_name="python -m jobs.extract")
-
+from jobs._entry import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command("extract")

@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 
 from pipeline.config import ExtractConfig
 from pipeline.resources import Resources
-from pipeline.runner import JobSpec, StageSpec, init_ray, run
+from pipeline.runner import JobSpec, StageSpec, run_config
 from pipeline.schema import qa_schema
-from pipeline.sources import ReadOptions, expand_inputs, plan_shards
+from pipeline.sources import ReadOptions
 from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
 
 
@@ -49,7 +49,10 @@ def extract_spec(cfg: ExtractConfig, cpus: float, gpus: float) -> JobSpec:
     # On CPU, each model actor gets an equal share of the machine as torch threads; tokenizing
     # and post-processing are light next to the forward pass.
     threads = max(1, math.floor(cpus / cfg.num_actors))
-    model_res = Resources(num_cpus=1, num_gpus=1 if use_gpu else 0, batch_size=cfg.batch_size,
+    # Ray's CPU reservation for CPU actors is capped so reads and writers always find a free slot:
+    # actors holding every CPU stall the stream (ray#44687).
+    actor_cpus = 1.0 if use_gpu else max(0.25, min(1.0, (cpus - 1) / cfg.num_actors)) if cpus > 1 else 0.5
+    model_res = Resources(num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0, batch_size=cfg.batch_size,
                           actors=cfg.num_actors)
     token_res = Resources(num_cpus=QATokenize.resources.num_cpus, batch_size=cfg.batch_size)
     post_res = Resources(num_cpus=QAPostprocess.resources.num_cpus, batch_size=cfg.batch_size)
@@ -79,14 +82,7 @@ def extract_spec(cfg: ExtractConfig, cpus: float, gpus: float) -> JobSpec:
 
 def run_extract(cfg: ExtractConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
-    cfg.validate()
-    files = expand_inputs(cfg.input)
-    shards = plan_shards(files, cfg.input_format, cfg.shard_rows, cfg.shard_bytes)
-    if not cfg.local:
-        init_ray(cfg.ray_address, cfg.num_cpus)
-    spec = extract_spec(cfg, *_cluster_resources())
-    stats = run(spec, shards, cfg.output, engine="local" if cfg.local else "ray", resume=cfg.resume,
-                overwrite=cfg.overwrite, progress=progress)
+    stats = run_config(cfg, lambda: extract_spec(cfg, *_cluster_resources()), progress)
     answered = stats.get("answered", 0)
     stats["mean_score"] = round(stats.pop("score_sum", 0.0) / answered, 4) if answered else None
     return stats

@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 
 from pipeline.config import MineConfig
 from pipeline.resources import Resources
-from pipeline.runner import JobSpec, StageSpec, init_ray, run
+from pipeline.runner import JobSpec, StageSpec, run_config
 from pipeline.schema import mining_schema
-from pipeline.sources import ReadOptions, expand_inputs, plan_shards
+from pipeline.sources import ReadOptions
 from pipeline.stages.mine import RecurringSpanMiner
 from pipeline.stats import top_k
 
@@ -65,15 +65,7 @@ def mining_spec(cfg: MineConfig) -> JobSpec:
 
 def run_mine(cfg: MineConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
-    cfg.validate()
-    files = expand_inputs(cfg.input)
-    shards = plan_shards(files, cfg.input_format, cfg.shard_rows, cfg.shard_bytes)
-    spec = mining_spec(cfg)
-    if not cfg.local:
-        init_ray(cfg.ray_address, cfg.num_cpus or cfg.num_workers)
-    stats = run(spec, shards, cfg.output, engine="local" if cfg.local else "ray", resume=cfg.resume,
-                overwrite=cfg.overwrite, progress=progress)
-    stats["documents_read"] = stats.get("rows_in", 0)
+    stats = run_config(cfg, lambda: mining_spec(cfg), progress)
     stats["top_ngrams"] = top_k(stats.get("top_ngrams", {}), 50)
     return stats
 

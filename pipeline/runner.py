@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.resources import Resources
-from pipeline.sources import ReadOptions, Shard, filesystem, read_shard
+from pipeline.sources import ReadOptions, Shard, expand_inputs, filesystem, plan_shards, read_shard
 from pipeline.stats import merge_stats
 
 log = logging.getLogger(__name__)
@@ -571,3 +571,15 @@ def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray",
             raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     seconds = time.perf_counter() - start
     return finish_output(output, shards, {"seconds": round(seconds, 3), "resumed_shards": len(done)})
+
+
+def run_config(cfg: Any, make_spec: Callable[[], JobSpec], progress: Callable[[str], None] | None = None
+               ) -> dict[str, Any]:
+    """The common path of every job: validate, plan shards, attach Ray (unless local), run."""
+    cfg.validate()
+    shards = plan_shards(expand_inputs(cfg.input), cfg.input_format, cfg.shard_rows, cfg.shard_bytes)
+    if not cfg.local:
+        init_ray(cfg.ray_address, cfg.num_cpus)
+    # The spec is built after Ray is up: it may size stages by the cluster's resources.
+    return run(make_spec(), shards, cfg.output, engine="local" if cfg.local else "ray", resume=cfg.resume,
+               overwrite=cfg.overwrite, progress=progress)
