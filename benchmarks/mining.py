@@ -136,7 +136,9 @@ def ray_scaling(docs: list[tuple[str, str]], batch_size: int) -> dict[str, Any]:
         with corpus.open("w", encoding="utf-8") as f:
             for doc_id, text in docs:
                 f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-        shard_rows = max(1, len(docs) // 16)  # enough shards to keep two workers busy
+        shard_rows = max(1, len(docs) // 16)
+        # JSONL is sharded by bytes: 16 shards keep two workers busy to the end.
+        shard_bytes = max(1024, corpus.stat().st_size // 16)
 
         def run(workers: int, name: str, subset: int | None = None) -> float:
             path = corpus
@@ -147,6 +149,7 @@ def ray_scaling(docs: list[tuple[str, str]], batch_size: int) -> dict[str, Any]:
                 input=[str(path)],
                 output=str(Path(tmp) / name),
                 shard_rows=shard_rows,
+                shard_bytes=shard_bytes if subset is None else 1 << 30,
                 num_workers=workers,
                 num_cpus=2,
                 batch_size=batch_size,

@@ -447,7 +447,14 @@ def _receipt_rows(receipts: Batch, batch: Batch | None, shard_rows: dict[int, in
 _STAGE_CACHE: dict[tuple[type, str], Callable[[Batch], Batch]] = {}
 
 
+def _worker_setup() -> None:
+    # A Ray worker owns the CPUs Ray gave it: tokenizers' own thread pool would oversubscribe them
+    # (and make one worker look like two in scaling measurements).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def _cached_stage(spec: StageSpec) -> Callable[[Batch], Batch]:
+    _worker_setup()
     key = (spec.cls, json.dumps(spec.kwargs, sort_keys=True, default=str))
     if key not in _STAGE_CACHE:
         _STAGE_CACHE[key] = spec.build()
@@ -462,6 +469,7 @@ class _ActorStage:
     """Ray actor wrapper: builds the stage once (e.g. a model load), then serves batches."""
 
     def __init__(self, stage: StageSpec):
+        _worker_setup()
         self.stage = stage.build()
 
     def __call__(self, batch: Batch) -> Batch:

@@ -167,7 +167,7 @@ def evaluate(
 def from_bert(
     bert_dir: Annotated[Path, typer.Argument(help="A BERT-family checkpoint directory (config.json, weights, vocab.txt).")],
     output: Annotated[Path, typer.Argument(help="Where to write the Splinter checkpoint.")],
-    lowercase: Annotated[bool | None, typer.Option("--lowercase/--cased", help="Tokenizer casing (default: from the checkpoint's tokenizer_config.json, else cased).")] = None,
+    lowercase: Annotated[bool | None, typer.Option("--lowercase/--cased", help="Tokenizer casing (default: from the checkpoint's tokenizer_config.json, else cased).", show_default=False)] = None,
 ) -> None:
     """Initialise a Splinter QA model (fresh QASS head) from BERT weights, as the paper's baselines do."""
     from splinter.model import SplinterForQuestionAnswering
@@ -175,8 +175,12 @@ def from_bert(
 
     if not (bert_dir / "config.json").is_file():
         _fail(f"{bert_dir} has no config.json: is it a BERT checkpoint directory?")
-    tok_kwargs = {} if lowercase is None else {"do_lower_case": lowercase}
-    tokenizer = SplinterTokenizer.from_pretrained(str(bert_dir), **tok_kwargs)
+    try:
+        tokenizer = SplinterTokenizer.for_bert(bert_dir, do_lower_case=lowercase)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    # The model reads the BERT vocab, which has no [QUESTION] yet: that warning is answered here.
+    logging.getLogger("splinter.checkpoint").setLevel(logging.ERROR)
     model = SplinterForQuestionAnswering.from_bert(str(bert_dir))
     model.config.question_token_id = tokenizer.question_token_id
     model.save_pretrained(str(output), tokenizer=tokenizer)

@@ -40,6 +40,7 @@ from tokenizers.models import WordPiece
 __all__ = ["BatchEncoding", "SplinterTokenizer"]
 
 VOCAB_FILE = "vocab.txt"
+QUESTION_TOKEN = "[QUESTION]"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -248,6 +249,34 @@ class SplinterTokenizer:
         resource = importlib.resources.files("splinter").joinpath("assets", VOCAB_FILE)
         with importlib.resources.as_file(resource) as path:
             return cls.from_vocab(path, **kwargs)
+
+    @classmethod
+    def for_bert(
+        cls, directory: str | os.PathLike[str], question_token_id: int = 104, do_lower_case: bool | None = None
+    ) -> SplinterTokenizer:
+        """The tokenizer for a Splinter model initialised from a BERT checkpoint (`from_bert`).
+
+        BERT vocabularies have no `[QUESTION]`. Splinter's published vocabulary puts it in the unused
+        slot at id 104, so the same is done here (the embedding matrix keeps its size). Casing comes
+        from the checkpoint's tokenizer_config.json unless given.
+        """
+        directory = Path(directory)
+        vocab = read_vocab(directory / VOCAB_FILE)
+        if QUESTION_TOKEN not in vocab:
+            by_id = {i: t for t, i in vocab.items()}
+            slot = by_id.get(question_token_id, "")
+            if not (slot.startswith("[unused") and slot.endswith("]")):
+                raise ValueError(
+                    f"{directory / VOCAB_FILE}: id {question_token_id} is {slot!r}, not an unused slot; "
+                    f"add {QUESTION_TOKEN} to the vocabulary yourself"
+                )
+            del vocab[slot]
+            vocab[QUESTION_TOKEN] = question_token_id
+        if do_lower_case is None:
+            config_path = directory / "tokenizer_config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+            do_lower_case = bool(config.get("do_lower_case", False))
+        return cls(vocab, do_lower_case=do_lower_case)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], **overrides: Any) -> SplinterTokenizer:

