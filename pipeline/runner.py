@@ -525,8 +525,9 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Callable[
     tracker = _Tracker(spec, output, {s.index: None for s in shards}, committer, progress)
     for receipts in ds.iter_batches(batch_size=None, batch_format="numpy"):
         _feed(tracker, receipts)
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
-        ray.get(ready)  # surface commit failures early
+        if pending:
+            ready, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ray.get(ready)  # surface commit failures early
     ray.get(pending)
     tracker.committer = lambda i, st: commit_shard(output, i, spec.schema, st)
     tracker.finish_empty({s.index: s for s in shards})

@@ -18,7 +18,14 @@ _EXPORTS = {
     "SplinterOutput": "splinter.model",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "SplinterConfig",
+    "SplinterForPreTraining",
+    "SplinterForQuestionAnswering",
+    "SplinterModel",
+    "SplinterOutput",
+    "SplinterTokenizer",
+]
 __version__ = "0.1.0"
 
 
