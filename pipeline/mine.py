@@ -79,7 +79,7 @@ def format_mining_summary(stats: dict[str, Any]) -> str:
     for reason, n in sorted(stats.get("skipped", {}).items()):
         lines.append(f"{'  skipped: ' + reason:<28}{n:>12,}")
     lines += [
-        f"{'sequences':<28}{seqs:>12,}",
+        f"{'sequences (rows out)':<28}{seqs:>12,}",
         f"{'tokens':<28}{stats.get('tokens', 0):>12,}",
         f"{'questions':<28}{stats.get('questions', 0):>12,}",
         f"{'questions per sequence':<28}{stats.get('questions', 0) / max(seqs, 1):>12.2f}",

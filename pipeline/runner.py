@@ -541,10 +541,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we know
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
     else:
