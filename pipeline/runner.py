@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -182,6 +182,12 @@ def apply_stage(stage: Callable[[Batch], Batch], batch: Batch) -> Batch:
     return {**out, **carried}
 
 
+def apply_chunked(stage: Callable[[Batch], Batch], batch: Batch, size: int) -> Batch:
+    """apply_stage over consecutive slices of at most `size` rows, concatenated."""
+    n = batch_len(batch)
+    return concat_batches([apply_stage(stage, slice_batch(batch, i, i + size)) for i in range(0, n, size)])
+
+
 def _to_arrow(col: np.ndarray, typ: pa.DataType, n: int) -> pa.Array:
     if col is None:
         return pa.nulls(n, typ)
@@ -215,7 +221,7 @@ def _reason_counts(reasons: np.ndarray, src: np.ndarray) -> dict[str, int]:
 def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
     """Write one part per shard present in the batch; return receipts (tiny) for the driver."""
     n = batch_len(batch)
-    receipts: dict[str, list[Any]] = {"shard": [], "consumed": [], "stats": []}
+    receipts: dict[str, list[Any]] = {"shard": [], "consumed": [], "stats": [], "committed": []}
     if n == 0:
         return {k: np.asarray(v) for k, v in receipts.items()}
     reason = np.asarray(batch.get(spec.reason_column, np.full(n, "", dtype=object)), dtype=object)
@@ -237,18 +243,26 @@ def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
                                      _reason_counts(part[spec.reason_column], src)}
         if spec.summarize is not None and table.num_rows:
             stats = merge_stats(stats, spec.summarize(table))
-        if table.num_rows:
+        consumed = _weight(part["_den"])
+        # The whole shard is in this batch (the usual case when Ray fuses read, stages and writer
+        # into one task): publish it here and spare the driver a commit.
+        complete = consumed == int(part["_shard_rows"][0])
+        if complete:
+            _publish(fs, root, shard, table, spec.schema, stats)
+        elif table.num_rows:
             first = int(np.argmin(data["_row"] * 10**12 + data["_sub"]))
             name = f"part-{int(data['_row'][first]):010d}-{int(data['_sub'][first]):012d}.parquet"
             staging = f"{root}/_staging/{_shard_name(shard)}"
             fs.create_dir(staging, recursive=True)
             pq.write_table(table, f"{staging}/{name}", filesystem=fs)
         receipts["shard"].append(shard)
-        receipts["consumed"].append(str(_weight(part["_den"])))
+        receipts["consumed"].append(str(consumed))
         receipts["stats"].append(json.dumps(stats))
+        receipts["committed"].append(complete)
     return {"shard": np.asarray(receipts["shard"], dtype=np.int64),
             "consumed": np.asarray(receipts["consumed"], dtype=object),
-            "stats": np.asarray(receipts["stats"], dtype=object)}
+            "stats": np.asarray(receipts["stats"], dtype=object),
+            "committed": np.asarray(receipts["committed"], dtype=bool)}
 
 
 def _weight(den: np.ndarray) -> Fraction:
@@ -274,17 +288,25 @@ def commit_shard(output: str, shard: int, schema: pa.Schema, stats: dict[str, An
     parts = sorted(i.path for i in info if i.path.endswith(".parquet"))
     if parts:
         table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts])
-        order = pa.compute.sort_indices(table, sort_keys=[("_row", "ascending"), ("_sub", "ascending")])
-        table = table.take(order).select([f.name for f in schema])
     else:
-        table = schema.empty_table()
-    tmp = f"{root}/_tmp/{name}.parquet"
-    fs.create_dir(f"{root}/_tmp", recursive=True)
-    pq.write_table(table.cast(schema), tmp, filesystem=fs)
-    fs.move(tmp, f"{root}/{name}.parquet")
-    _write_json(fs, f"{root}/_stats/{name}.json", stats)
+        table = schema.empty_table().append_column("_row", pa.array([], pa.int64())).append_column(
+            "_sub", pa.array([], pa.int64()))
+    _publish(fs, root, shard, table, schema, stats)
     if parts:
         fs.delete_dir(staging)
+
+
+def _publish(fs: pafs.FileSystem, root: str, shard: int, table: pa.Table, schema: pa.Schema,
+             stats: dict[str, Any]) -> None:
+    """Rows in source order to OUT/<shard>.parquet via a temporary file; the stats marker goes last."""
+    name = _shard_name(shard)
+    order = pa.compute.sort_indices(table, sort_keys=[("_row", "ascending"), ("_sub", "ascending")])
+    table = table.take(order).select([f.name for f in schema]).cast(schema)
+    tmp = f"{root}/_tmp/{name}.parquet"
+    fs.create_dir(f"{root}/_tmp", recursive=True)
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, f"{root}/{name}.parquet")
+    _write_json(fs, f"{root}/_stats/{name}.json", stats)
 
 
 def _write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
@@ -369,78 +391,72 @@ def finish_output(output: str, shards: list[Shard], extra: dict[str, Any]) -> di
 class _Tracker:
     """Adds up receipts per shard and commits each shard the moment it is complete."""
 
-    def __init__(self, spec: JobSpec, output: str, expected: dict[int, int | None],
-                 committer: Callable[[int, dict[str, Any]], Any], progress: Callable[[str], None] | None):
-        self.spec, self.output, self.expected = spec, output, expected
-        self.committer, self.progress = committer, progress
-        self.consumed = {k: Fraction(0) for k in expected}
-        self.stats: dict[int, dict[str, Any]] = {k: {} for k in expected}
-        self.done: list[int] = []
+    def __init__(self, spec: JobSpec, shards: list[Shard], committer: Callable[[int, dict[str, Any]], Any],
+                 progress: Callable[[str], None] | None):
+        self.spec, self.committer, self.progress = spec, committer, progress
+        self.shards = {s.index: s for s in shards}
+        self.consumed = {i: Fraction(0) for i in self.shards}
+        self.stats: dict[int, dict[str, Any]] = {i: {} for i in self.shards}
+        self.done: set[int] = set()
+        self.rows_done = 0
         self.start = time.perf_counter()
 
-    def add(self, shard: int, consumed: Fraction, stats: str, shard_rows: int) -> None:
-        self.expected[shard] = shard_rows
-        self.consumed[shard] += consumed
-        self.stats[shard] = merge_stats(self.stats[shard], json.loads(stats))
-        if self.consumed[shard] == shard_rows:
-            self._commit(shard)
-        elif self.consumed[shard] > shard_rows:
-            raise RuntimeError(f"shard {shard} accounted {self.consumed[shard]} rows of {shard_rows}: duplicated rows")
+    def feed(self, receipts: Batch) -> None:
+        for i in range(batch_len(receipts)):
+            shard, rows = int(receipts["shard"][i]), int(receipts["shard_rows"][i])
+            self.consumed[shard] += Fraction(str(receipts["consumed"][i]))
+            self.stats[shard] = merge_stats(self.stats[shard], json.loads(str(receipts["stats"][i])))
+            if self.consumed[shard] > rows:
+                raise RuntimeError(f"shard {shard} accounted {self.consumed[shard]} of {rows} rows: duplicated rows")
+            if self.consumed[shard] == rows:
+                self._complete(shard, already_committed=bool(receipts["committed"][i]))
 
-    def _commit(self, shard: int) -> None:
-        self.committer(shard, self.stats[shard])
-        self.done.append(shard)
+    def _complete(self, shard: int, already_committed: bool) -> None:
+        if not already_committed:
+            self.committer(shard, self.stats[shard])
+        self.done.add(shard)
+        self.rows_done += self.stats[shard].get("rows_in", 0)
         if self.progress:
-            rows = sum(self.stats[s].get("rows_in", 0) for s in self.done)
-            rate = rows / max(time.perf_counter() - self.start, 1e-9)
-            self.progress(f"[{self.spec.name}] {len(self.done)}/{len(self.expected)} shards committed, "
-                          f"{rows} rows in ({rate:,.0f} rows/s)")
+            rate = self.rows_done / max(time.perf_counter() - self.start, 1e-9)
+            self.progress(f"[{self.spec.name}] {len(self.done)}/{len(self.shards)} shards committed, "
+                          f"{self.rows_done} rows in ({rate:,.0f} rows/s)")
 
-    def finish_empty(self, shards: dict[int, Shard]) -> None:
+    def finish(self, committer: Callable[[int, dict[str, Any]], Any]) -> None:
         """Shards no receipt ever named must be empty; anything else means rows were lost."""
-        for idx in sorted(set(self.expected) - set(self.done)):
+        for idx in sorted(set(self.shards) - self.done):
             if self.consumed[idx]:
-                raise RuntimeError(f"shard {idx} is incomplete: {self.consumed[idx]} of "
-                                   f"{self.expected[idx]} rows accounted for")
-            if read_shard(shards[idx], self.spec.read):
+                raise RuntimeError(f"shard {idx} is incomplete: only {self.consumed[idx]} rows accounted for")
+            if read_shard(self.shards[idx], self.spec.read):
                 raise RuntimeError(f"shard {idx} produced rows that never reached the writer")
             self.stats[idx] = {"rows_in": 0, "rows_out": 0}
-            self._commit(idx)
+            self.committer = committer
+            self._complete(idx, already_committed=False)
+
+
+def _write(batch: Batch, spec: JobSpec, output: str) -> Batch:
+    """write_parts plus each shard's row count, so receipts alone tell the driver when it is done."""
+    receipts = write_parts(batch, spec, output)
+    rows = [int(batch["_shard_rows"][batch["_shard"] == s][0]) for s in receipts["shard"].tolist()]
+    receipts["shard_rows"] = np.asarray(rows, dtype=np.int64)
+    return receipts
 
 
 def run_local(spec: JobSpec, shards: list[Shard], output: str, progress: Callable[[str], None] | None) -> None:
     """A plain loop over shards and stages: no Ray, same pieces, same rows."""
     stages = [(s.build(), s.res.batch_size) for s in spec.stages]
-    tracker = _Tracker(spec, output, {s.index: None for s in shards},
-                       lambda i, st: commit_shard(output, i, spec.schema, st), progress)
+
+    def commit(shard: int, stats: dict[str, Any]) -> None:
+        commit_shard(output, shard, spec.schema, stats)
+
+    tracker = _Tracker(spec, shards, commit, progress)
     for shard in shards:
         batch = read_batch([shard.to_dict()], spec.read)
         for stage, size in stages:
-            n = batch_len(batch)
-            batch = concat_batches([apply_stage(stage, slice_batch(batch, i, i + size)) for i in range(0, n, size)])
+            batch = apply_chunked(stage, batch, size)
         n = batch_len(batch)
         for i in range(0, n, spec.write_batch_size):
-            _feed(tracker, write_parts(slice_batch(batch, i, i + spec.write_batch_size), spec, output), batch)
-    tracker.finish_empty({s.index: s for s in shards})
-
-
-def _feed(tracker: _Tracker, receipts: Batch, batch: Batch | None = None, shard_rows: dict[int, int] | None = None
-          ) -> None:
-    for shard, consumed, stats, rows in _receipt_rows(receipts, batch, shard_rows):
-        tracker.add(shard, consumed, stats, rows)
-
-
-def _receipt_rows(receipts: Batch, batch: Batch | None, shard_rows: dict[int, int] | None
-                  ) -> Iterator[tuple[int, int, str, int]]:
-    for i in range(batch_len(receipts)):
-        shard = int(receipts["shard"][i])
-        if batch is not None:
-            rows = int(batch["_shard_rows"][batch["_shard"] == shard][0])
-        elif shard_rows is not None:
-            rows = shard_rows[shard]
-        else:
-            rows = int(receipts["shard_rows"][i])
-        yield shard, Fraction(str(receipts["consumed"][i])), str(receipts["stats"][i]), rows
+            tracker.feed(_write(slice_batch(batch, i, i + spec.write_batch_size), spec, output))
+    tracker.finish(commit)
 
 
 # Stage construction is cached per worker process so a task-pool stage builds its tokenizer once.
@@ -461,8 +477,10 @@ def _cached_stage(spec: StageSpec) -> Callable[[Batch], Batch]:
     return _STAGE_CACHE[key]
 
 
-def _task_stage(batch: Batch, stage: StageSpec) -> Batch:
-    return apply_stage(_cached_stage(stage), batch)
+def _task_stage(batch: Batch, stage: StageSpec, batch_size: int) -> Batch:
+    # Ray hands task stages whole blocks (batch_size=None, see run_ray); the stage's batch size
+    # is applied here.
+    return apply_chunked(_cached_stage(stage), batch, batch_size)
 
 
 class _ActorStage:
@@ -480,16 +498,13 @@ def _ray_read(batch: Batch, opts: ReadOptions) -> Batch:
     return read_batch([json.loads(s) for s in batch["shard"]], opts)
 
 
-def _ray_write(batch: Batch, spec: JobSpec, output: str) -> Batch:
-    receipts = write_parts(batch, spec, output)
-    rows = [int(batch["_shard_rows"][batch["_shard"] == s][0]) for s in receipts["shard"].tolist()]
-    receipts["shard_rows"] = np.asarray(rows, dtype=np.int64)
-    return receipts
+class _Committer:
+    """One long-lived process for shard commits: a task per commit would start a worker process
+    (and import pyarrow) per shard. Only shards split across batches need it."""
 
-
-def _remote_commit(output: str, shard: int, schema: pa.Schema, stats: dict[str, Any]) -> int:
-    commit_shard(output, shard, schema, stats)
-    return shard
+    def commit(self, output: str, shard: int, schema: pa.Schema, stats: dict[str, Any]) -> int:
+        commit_shard(output, shard, schema, stats)
+        return shard
 
 
 def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Callable[[str], None] | None,
@@ -499,38 +514,55 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Callable[
 
     ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in shards],
                              override_num_blocks=max(1, len(shards)))
-    ds = ds.map_batches(_ray_read, fn_kwargs={"opts": spec.read}, batch_size=1, batch_format="numpy")
-    for i, stage in enumerate(spec.stages):
-        res = (stage_overrides or {}).get(i, stage.res)
+    resources = [(stage_overrides or {}).get(i, stage.res) for i, stage in enumerate(spec.stages)]
+    # Reading a shard is cheap: give it the first stage's CPU share and task pool so Ray fuses the
+    # two into one task. As a separate operator, read tasks would queue for CPUs the stage holds.
+    first = resources[0] if resources else Resources()
+    read_args: dict[str, Any] = {"num_cpus": first.num_cpus}
+    if not first.actors and first.tasks:
+        read_args["compute"] = ray.data.TaskPoolStrategy(size=first.tasks)
+    ds = ds.map_batches(_ray_read, fn_kwargs={"opts": spec.read}, batch_size=1, batch_format="numpy", **read_args)
+    for stage, res in zip(spec.stages, resources, strict=True):
         common = {"batch_size": res.batch_size, "batch_format": "numpy", "num_cpus": res.num_cpus}
         if res.actors:
             ds = ds.map_batches(_ActorStage, fn_constructor_kwargs={"stage": stage},
                                 compute=ray.data.ActorPoolStrategy(size=res.actors), num_gpus=res.num_gpus,
                                 **common)
         else:
+            # Whole blocks, chunked inside the task: with a row batch size, Ray would bundle many
+            # one-row shard descriptors into a single fused read+stage task and serialise the job.
+            common["batch_size"] = None
             if res.tasks:
                 common["compute"] = ray.data.TaskPoolStrategy(size=res.tasks)
-            ds = ds.map_batches(_task_stage, fn_kwargs={"stage": stage}, **common)
+            ds = ds.map_batches(_task_stage, fn_kwargs={"stage": stage, "batch_size": res.batch_size}, **common)
     # batch_size=None: write each block as it arrives. A fixed size would make the writer wait for
     # that many rows, holding back commits (and progress) until the end of small jobs.
-    ds = ds.map_batches(_ray_write, fn_kwargs={"spec": spec, "output": output},
-                        batch_size=None, batch_format="numpy", num_cpus=0.5)
+    # After a task stage, the writer takes its CPU share and pool so Ray fuses them: the stage's
+    # output then goes straight to Parquet instead of through Ray's Arrow conversion and back.
+    last = resources[-1] if resources else first
+    write_args: dict[str, Any] = {"num_cpus": 0.5}
+    if not last.actors:
+        write_args = {"num_cpus": last.num_cpus}
+        if last.tasks:
+            write_args["compute"] = ray.data.TaskPoolStrategy(size=last.tasks)
+    ds = ds.map_batches(_write, fn_kwargs={"spec": spec, "output": output},
+                        batch_size=None, batch_format="numpy", **write_args)
 
-    commit = ray.remote(num_cpus=0.25, max_retries=3)(_remote_commit)
+    committer = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Committer).remote()
     pending: list[Any] = []
 
-    def committer(shard: int, stats: dict[str, Any]) -> None:
-        pending.append(commit.remote(output, shard, spec.schema, stats))
+    def commit(shard: int, stats: dict[str, Any]) -> None:
+        pending.append(committer.commit.remote(output, shard, spec.schema, stats))
 
-    tracker = _Tracker(spec, output, {s.index: None for s in shards}, committer, progress)
+    tracker = _Tracker(spec, shards, commit, progress)
     for receipts in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        _feed(tracker, receipts)
+        tracker.feed(receipts)
         if pending:
             ready, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0)
             ray.get(ready)  # surface commit failures early
     ray.get(pending)
-    tracker.committer = lambda i, st: commit_shard(output, i, spec.schema, st)
-    tracker.finish_empty({s.index: s for s in shards})
+    tracker.finish(lambda i, st: commit_shard(output, i, spec.schema, st))
+    ray.kill(committer)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

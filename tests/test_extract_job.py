@@ -87,7 +87,7 @@ def test_config_errors_are_clear(tmp_path, tiny_qa_model):
         ExtractConfig(input=[str(tmp_path / "missing.jsonl")], output="o", model=str(tiny_qa_model)).validate()
 
 
-def _model_actor_pids() -> list[int]:
+def _model_actor_pids(busy: bool = False) -> list[int]:
     """PIDs of this Ray instance's model actors: Ray titles them `ray::MapWorker(...(_ActorStage))`."""
     import ray._private.worker
 
@@ -99,7 +99,8 @@ def _model_actor_pids() -> list[int]:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
-            if cmd.startswith(b"ray::MapWorker(") and b"_ActorStage" in cmd and _parent(entry) == raylet:
+            if (cmd.startswith(b"ray::MapWorker(") and b"_ActorStage" in cmd and _parent(entry) == raylet
+                    and (not busy or b").submit" in cmd)):
                 pids.append(int(entry.name))
     return pids
 
@@ -125,18 +126,20 @@ def test_killed_model_actor_is_restarted_and_nothing_is_lost(tmp_path, tiny_qa_m
 
     def killer() -> None:
         deadline = time.time() + 120
-        # Wait until the job is mid-way: the model actor has answered a first batch, more to come.
-        while time.time() < deadline and not list(out.glob("_staging/*/part-*.parquet")):
-            time.sleep(0.02)
-        for pid in _model_actor_pids():
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+        # Kill the model actor while it is answering a batch (Ray titles it `...).submit` then):
+        # with 100 batches of 4 questions, the first busy moment is early in the job.
+        while time.time() < deadline and not killed:
+            for pid in _model_actor_pids(busy=True):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
 
     thread = threading.Thread(target=killer)
     thread.start()
     stats = run_extract(ExtractConfig(output=str(out), **common))
     thread.join()
-    assert killed, "no model actor was found to kill"
+    assert killed, "no busy model actor was found to kill"
+    assert not (out / "_staging").exists()
     result = _read(out)
     expected = _read(clean)
     assert result["id"].to_pylist() == expected["id"].to_pylist()
