@@ -176,9 +176,20 @@ def run_ours_job(
     t0 = time.perf_counter()
     stats = run_extract(cfg)
     seconds = time.perf_counter() - t0
-    table = pq.read_table(str(work / "answers"), columns=["id", "answer", "start_char"])
+    files = sorted((work / "answers").rglob("*.parquet"))
+    table = pq.read_table(files[0], columns=["id", "answer"]) if len(files) == 1 else None
+    if table is None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(pq.read_table(f, columns=["id", "answer"]) for f in files)
     answers = dict(zip(table["id"].to_pylist(), table["answer"].to_pylist(), strict=True))
     return seconds, stats, answers
+
+
+def best_of(repeats: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The fastest of `repeats` runs (results are tuples whose first item is seconds): other engineers'
+    jobs share this machine, and the minimum is the least disturbed measurement."""
+    return min((fn(*args, **kwargs) for _ in range(max(1, repeats))), key=lambda r: r[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -191,7 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--batch-sizes", default=None, help="transformers pipeline batch sizes, comma-separated"
     )
-    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--micro-batch-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="best of N runs per figure (the box is shared)"
+    )
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray job")
     args = parser.parse_args(argv)
     n = args.questions or (256 if args.quick else 2000)
@@ -211,16 +225,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "stride": STRIDE,
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "repeats": args.repeats,
+        "micro_batch_tokens": args.micro_batch_tokens,
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt = build_checkpoint(work / "ckpt")
 
-        t_plain, ours = run_ours_plain(ckpt, rows, threads, micro_batch_tokens=args.micro_batch_tokens)
+        t_plain, ours = best_of(
+            args.repeats, run_ours_plain, ckpt, rows, threads, micro_batch_tokens=args.micro_batch_tokens
+        )
         result["ours_plain_qps"] = round(n / t_plain, 2)
         print(f"ours (plain loop):      {n / t_plain:8.1f} q/s  ({t_plain:.1f} s)", flush=True)
 
-        t_raw, windows = run_raw_forward(ckpt, rows, threads, args.micro_batch_tokens)
+        t_raw, windows = best_of(args.repeats, run_raw_forward, ckpt, rows, threads, args.micro_batch_tokens)
         result["windows"] = windows
         result["raw_forward_qps"] = round(n / t_raw, 2)
         print(f"raw model forward:      {n / t_raw:8.1f} q/s  ({t_raw:.1f} s, {windows} windows)", flush=True)
@@ -228,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hf: dict[str, float] = {}
         hf_answers: list[Any] = []
         for bs in batch_sizes:
-            t_hf, out = run_hf_pipeline(ckpt, rows, threads, bs)
+            t_hf, out = best_of(args.repeats, run_hf_pipeline, ckpt, rows, threads, bs)
             hf[str(bs)] = round(n / t_hf, 2)
             if not hf_answers or n / t_hf >= max(hf.values()):
                 hf_answers = out
@@ -246,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         if not args.no_ray:
             try:
-                t_job, stats, job_answers = run_ours_job(ckpt, rows, threads, work)
+                t_job, stats, job_answers = best_of(args.repeats, run_ours_job, ckpt, rows, threads, work)
             except Exception as exc:  # report, don't lose the other figures
                 result["ours_job_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 print(f"ray job failed: {exc}", flush=True)

@@ -253,7 +253,9 @@ class QAModel:
         self.model.splinter.check_inputs = False
         self.config = self.model.config
         if micro_batch_tokens is None and micro_batch_size is None:
-            micro_batch_tokens = 32768 if self.device.type == "cuda" else 8192
+            # GPUs want big batches; on CPU, measured on MiniLM: ~2k-token micro-batches run ~30% faster than
+            # 8k ones (activations stay in cache), and 1-window batches lose the GEMM efficiency.
+            micro_batch_tokens = 32768 if self.device.type == "cuda" else 2048
         self.micro_batch_tokens = micro_batch_tokens
         self.micro_batch_size = micro_batch_size
         self.max_answer_length = max_answer_length
