@@ -54,7 +54,7 @@ def extract_spec(cfg: ExtractConfig, cpus: float, gpus: float) -> JobSpec:
     actor_cpus = 1.0 if use_gpu else max(0.25, min(1.0, (cpus - 1) / cfg.num_actors)) if cpus > 1 else 0.5
     model_res = Resources(num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0, batch_size=cfg.batch_size,
                           actors=cfg.num_actors)
-    token_res = Resources(num_cpus=QATokenize.resources.num_cpus, batch_size=cfg.batch_size)
+    token_res = Resources(num_cpus=0.5, batch_size=cfg.batch_size)
     post_res = Resources(num_cpus=QAPostprocess.resources.num_cpus, batch_size=cfg.batch_size)
     config = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in ("output", "resume", "overwrite", "ray_address", "local", "num_actors", "num_cpus",
