@@ -7,11 +7,13 @@ Exactly-once output, shard by shard:
 1. the reader tags each row with internal columns (`_shard`, `_row`, `_shard_rows`...);
 2. stages never see those columns: `apply_stage` strips them and puts them back, following the
    `_source` column a row-count-changing stage returns;
-3. the last stage writes *parts* into `OUT/_staging/<shard>/`, named by their first row, and
-   hands the driver only a tiny receipt: how many source rows each part accounts for;
-4. when a shard's receipts add up to its row count, the shard is committed: parts are merged in
-   row order into `OUT/<shard>.parquet` (temporary file, then rename) and `OUT/_stats/<shard>.json`
-   is written last as its completion marker;
+3. the writer hands the driver only a tiny receipt per shard in its batch: how many source rows
+   the batch accounts for. A batch holding a whole shard (the usual case: Ray fuses read, task
+   stages and writer into one task per shard) is published on the spot; otherwise the batch goes
+   to `OUT/_staging/<shard>/` as a part named by its first row;
+4. when a shard's receipts add up to its row count, its parts are merged in row order; either way
+   a shard lands as `OUT/<shard>.parquet` (temporary file, then rename) with
+   `OUT/_stats/<shard>.json` written last as its completion marker;
 5. when all shards are committed, `OUT/stats.json` and `OUT/_SUCCESS` are written.
 A crash leaves committed shards intact and no `_SUCCESS`; `--resume` redoes only the rest.
 """
@@ -36,8 +38,6 @@ import pyarrow.parquet as pq
 from pipeline.resources import Resources
 from pipeline.sources import ReadOptions, Shard, expand_inputs, filesystem, plan_shards, read_shard
 from pipeline.stats import merge_stats
-
-log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 # _src: 1 on one output row per source row (for counting sources in stats).
@@ -225,7 +225,7 @@ def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
     if n == 0:
         return {k: np.asarray(v) for k, v in receipts.items()}
     reason = np.asarray(batch.get(spec.reason_column, np.full(n, "", dtype=object)), dtype=object)
-    reason = np.where(pd_isnull(reason), "", reason)
+    reason = np.where(_is_null(reason), "", reason)
     read_err = np.asarray(batch["_error"], dtype=object)
     reason = np.where(read_err != "", read_err, reason)  # a read failure is the real reason
     # Kept rows store "no reason" as null, not as an empty string.
@@ -271,7 +271,7 @@ def _weight(den: np.ndarray) -> Fraction:
     return sum((Fraction(int(c), int(v)) for v, c in zip(values, counts, strict=True)), Fraction(0))
 
 
-def pd_isnull(arr: np.ndarray) -> np.ndarray:
+def _is_null(arr: np.ndarray) -> np.ndarray:
     return np.asarray([v is None or (isinstance(v, float) and v != v) for v in arr.tolist()], dtype=bool)
 
 
