@@ -187,7 +187,10 @@ def from_bert(
     typer.echo(f"wrote {output}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    options_metavar="[OPTIONS] -- mine|extract ARGS...",
+)
 def submit(
     ctx: typer.Context,
     address: Annotated[str | None, typer.Option(help="Ray dashboard address (default: RAY_ADDRESS).")] = None,
