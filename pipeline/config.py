@@ -106,7 +106,7 @@ class MineConfig(RunConfig):
     max_questions: int = 30
     layout: str = "collapsed"
     num_workers: int | None = None
-    batch_size: int = 64
+    batch_size: int = 256  # documents per stage call: bigger batches amortise the vectorised search
 
     def validate(self) -> None:
         super().validate()

@@ -112,7 +112,7 @@ class RecurringSpanMiner:
     `position_ids` (layout "original" only), `num_tokens` int32, `num_questions` int32.
     """
 
-    resources = Resources(num_cpus=1, batch_size=64)
+    resources = Resources(num_cpus=1, batch_size=256)
 
     def __init__(
         self,
