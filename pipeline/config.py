@@ -89,8 +89,15 @@ class RunConfig:
             data["input"] = [data["input"]]
         return cls(**data)
 
+    # Fields that change how a run is scheduled or where it goes, never the rows it writes.
+    SCHEDULING = ("output", "resume", "overwrite", "ray_address", "local", "num_cpus")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def output_fields(self) -> dict[str, Any]:
+        """The fields that decide the output: `--resume` is refused when they change."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.SCHEDULING}
 
 
 @dataclass
@@ -107,6 +114,8 @@ class MineConfig(RunConfig):
     layout: str = "collapsed"
     num_workers: int | None = None
     batch_size: int = 256  # documents per stage call: bigger batches amortise the vectorised search
+
+    SCHEDULING = (*RunConfig.SCHEDULING, "num_workers", "batch_size")
 
     def validate(self) -> None:
         super().validate()
@@ -144,6 +153,8 @@ class ExtractConfig(RunConfig):
     n_best: int = 0
     device: str = "auto"
     dtype: str = "auto"
+
+    SCHEDULING = (*RunConfig.SCHEDULING, "num_actors", "batch_size", "device", "dtype")
 
     def validate(self) -> None:
         super().validate()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -56,9 +55,6 @@ def extract_spec(cfg: ExtractConfig, cpus: float, gpus: float) -> JobSpec:
                           actors=cfg.num_actors)
     token_res = Resources(num_cpus=0.5, batch_size=cfg.batch_size)
     post_res = Resources(num_cpus=QAPostprocess.resources.num_cpus, batch_size=cfg.batch_size)
-    config = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("output", "resume", "overwrite", "ray_address", "local", "num_actors", "num_cpus",
-                           "batch_size", "device", "dtype")}
     return JobSpec(
         name="extract",
         read=ReadOptions(kind="questions", id_column=cfg.id_column, question_column=cfg.question_column,
@@ -76,7 +72,7 @@ def extract_spec(cfg: ExtractConfig, cpus: float, gpus: float) -> JobSpec:
         reason_column="error",
         drop_reason_rows=False,
         summarize=summarize_qa,
-        config=config,
+        config=cfg.output_fields(),
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -49,8 +48,6 @@ def mining_spec(cfg: MineConfig) -> JobSpec:
     }
     base = RecurringSpanMiner.resources
     res = Resources(num_cpus=base.num_cpus, batch_size=cfg.batch_size, tasks=cfg.num_workers or 0)
-    config = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("output", "resume", "overwrite", "ray_address", "local", "num_workers", "num_cpus")}
     return JobSpec(
         name="mine",
         read=ReadOptions(kind="documents", text_column=cfg.text_column, id_column=cfg.id_column),
@@ -59,7 +56,7 @@ def mining_spec(cfg: MineConfig) -> JobSpec:
         reason_column="skip_reason",
         drop_reason_rows=True,
         summarize=summarize_mining,
-        config=config,
+        config=cfg.output_fields(),
     )
 
 

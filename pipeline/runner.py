@@ -421,7 +421,7 @@ class _Tracker:
             self.progress(f"[{self.spec.name}] {len(self.done)}/{len(self.shards)} shards committed, "
                           f"{self.rows_done} rows in ({rate:,.0f} rows/s)")
 
-    def finish(self, committer: Callable[[int, dict[str, Any]], Any]) -> None:
+    def finish(self) -> None:
         """Shards no receipt ever named must be empty; anything else means rows were lost."""
         for idx in sorted(set(self.shards) - self.done):
             if self.consumed[idx]:
@@ -429,7 +429,6 @@ class _Tracker:
             if read_shard(self.shards[idx], self.spec.read):
                 raise RuntimeError(f"shard {idx} produced rows that never reached the writer")
             self.stats[idx] = {"rows_in": 0, "rows_out": 0}
-            self.committer = committer
             self._complete(idx, already_committed=False)
 
 
@@ -456,7 +455,7 @@ def run_local(spec: JobSpec, shards: list[Shard], output: str, progress: Callabl
         n = batch_len(batch)
         for i in range(0, n, spec.write_batch_size):
             tracker.feed(_write(slice_batch(batch, i, i + spec.write_batch_size), spec, output))
-    tracker.finish(commit)
+    tracker.finish()
 
 
 # Stage construction is cached per worker process so a task-pool stage builds its tokenizer once.
@@ -560,8 +559,8 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Callable[
         if pending:
             ready, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0)
             ray.get(ready)  # surface commit failures early
+    tracker.finish()
     ray.get(pending)
-    tracker.finish(lambda i, st: commit_shard(output, i, spec.schema, st))
     ray.kill(committer)
 
 

@@ -75,12 +75,11 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def _join(base_uri: str, inner: str, base_inner: str) -> str:
+def _join(base_uri: str, inner: str) -> str:
     """Rebuild a user-facing location for `inner` (a path inside the filesystem of `base_uri`)."""
     if "://" not in base_uri:
         return inner
-    scheme = base_uri.split("://", 1)[0]
-    return f"{scheme}://{inner}" if scheme != "file" else f"file://{inner}"
+    return f"{base_uri.split('://', 1)[0]}://{inner}"
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -94,7 +93,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 continue
             root = inner[: min(inner.find(ch) for ch in "*?[" if ch in inner)].rsplit("/", 1)[0]
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-            found += sorted(_join(item, i.path, inner) for i in infos
+            found += sorted(_join(item, i.path) for i in infos
                             if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, inner))
             continue
         info = fs.get_file_info(inner)
@@ -103,7 +102,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
             found += sorted(
-                _join(item, i.path, inner) for i in infos
+                _join(item, i.path) for i in infos
                 if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith((".", "_"))
             )
         else:
