@@ -39,9 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize  # noqa: E402
+from splinter.checkpoint import load_from_bert, load_pretrained, save_pretrained  # noqa: E402
 from splinter.model import SplinterForQuestionAnswering  # noqa: E402
 from splinter.squad import evaluate, load_squad  # noqa: E402
 from splinter.tokenizer import SplinterTokenizer  # noqa: E402
+from splinter.windows import encode_qa_windows  # noqa: E402
 
 MAX_LENGTH, STRIDE, MAX_QUERY, MAX_ANSWER = 384, 128, 64, 30
 ROW_BATCH = 256  # QATokenize / QAModel default Resources.batch_size
@@ -64,7 +66,7 @@ def build_checkpoint(directory: Path, seed: int = 0) -> Path:
     tokenizer = SplinterTokenizer.from_vocab(directory / "vocab.txt", do_lower_case=True)
     torch.manual_seed(seed)
     logging.getLogger("splinter.checkpoint").setLevel(logging.ERROR)
-    return SplinterForQuestionAnswering.from_bert(bert).save_pretrained(directory, tokenizer=tokenizer)
+    return save_pretrained(load_from_bert(SplinterForQuestionAnswering, bert), directory, tokenizer=tokenizer)
 
 
 def _batches(rows: list[dict[str, Any]], size: int) -> list[dict[str, np.ndarray]]:
@@ -94,11 +96,12 @@ def run_raw_forward(
 ) -> tuple[float, int]:
     """Only model forwards over the same windows, sorted and dynamically padded: no tokenize, no decode."""
     tok = SplinterTokenizer.from_pretrained(ckpt)
-    enc = tok.encode_qa_windows(
+    enc = encode_qa_windows(
+        tok,
         [r["question"] for r in rows], [r["context"] for r in rows], MAX_LENGTH, STRIDE, MAX_QUERY
     )
     torch.set_num_threads(threads)
-    model = SplinterForQuestionAnswering.from_pretrained(ckpt).eval()
+    model = load_pretrained(SplinterForQuestionAnswering, ckpt).eval()
     model.splinter.check_inputs = False
     lengths = enc["lengths"].astype(np.int64)
     order = np.argsort(-lengths, kind="stable")

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from splinter.cli import app
+from pipeline.cli import app
 
 
 def run_command(name: str, argv: list[str] | None = None) -> None:

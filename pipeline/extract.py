@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ExtractConfig
+from pipeline.progress import Progress
 from pipeline.resources import Resources
 from pipeline.runner import JobSpec, StageSpec, run_config
 from pipeline.schema import qa_schema
@@ -76,7 +76,7 @@ def extract_spec(cfg: ExtractConfig, cpus: float, gpus: float) -> JobSpec:
     )
 
 
-def run_extract(cfg: ExtractConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
     stats = run_config(cfg, lambda: extract_spec(cfg, *_cluster_resources()), progress)
     answered = stats.get("answered", 0)

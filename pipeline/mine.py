@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import MineConfig
+from pipeline.progress import Progress
 from pipeline.resources import Resources
 from pipeline.runner import JobSpec, StageSpec, run_config
 from pipeline.schema import mining_schema
@@ -60,7 +60,7 @@ def mining_spec(cfg: MineConfig) -> JobSpec:
     )
 
 
-def run_mine(cfg: MineConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_mine(cfg: MineConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
     stats = run_config(cfg, lambda: mining_spec(cfg), progress)
     stats["top_ngrams"] = top_k(stats.get("top_ngrams", {}), 50)

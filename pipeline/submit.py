@@ -1,9 +1,9 @@
-"""Submit `splinter <command>` to a Ray cluster through the Jobs API and follow it to the end.
+"""Submit a command to a Ray cluster through the Jobs API and follow it to the end.
 
-The cluster runs the job's entrypoint with its own Python (the image or venv the cluster was
-started from), so the entrypoint is `python -m splinter.cli ...`, never this machine's
-`sys.executable`. Everything that can be checked before talking to the cluster (address, runtime
-env, command name, auth token) is checked here first, so mistakes cost no round trip.
+The caller says what the cluster runs (the CLI sends `python -m pipeline.cli <command...>`, run by
+the cluster's own Python: the image or venv the cluster was started from, never this machine's
+`sys.executable`). Everything that can be checked before talking to the cluster (address, runtime
+env, auth token) is checked here first, so mistakes cost no round trip.
 
 Token auth (Ray >= 2.52, on by default for new local clusters from 2.59): the dashboard answers
 401 without an `Authorization: Bearer <token>` header and 403 with a wrong one. Ray's own client
@@ -92,35 +92,16 @@ def resolve_address(address: str | None = None, env: Mapping[str, str] | None = 
 
 
 def build_entrypoint(command: list[str]) -> str:
-    """The shell command the cluster runs: `python -m splinter.cli <command...>`, safely quoted.
+    """The shell command the cluster runs, from its argv, safely quoted.
 
     The job supervisor runs the entrypoint through a shell, so every argument is quoted (paths
-    with spaces, globs, `$` survive). `python` is the cluster's own interpreter.
+    with spaces, globs, `$` survive).
     """
     if not command:
-        raise SubmitError("nothing to submit: give a splinter command, e.g. `splinter submit -- mine IN OUT`")
+        raise SubmitError("nothing to submit: give the command the cluster should run")
     if not all(isinstance(arg, str) for arg in command):
         raise SubmitError(f"command arguments must be strings, got {command!r}")
-    name = command[0]
-    if not name.startswith("-"):
-        known = splinter_commands()
-        if known and name not in known:
-            near = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise SubmitError(f"unknown splinter command {name!r}{hint}; known: {', '.join(sorted(known))}")
-    return shlex.join(["python", "-m", "splinter.cli", *command])
-
-
-def splinter_commands() -> set[str]:
-    """Names of the commands registered on the `splinter` typer app (empty if it cannot load)."""
-    try:
-        import typer.main
-
-        from splinter.cli import app
-    except ImportError:
-        return set()
-    group = typer.main.get_command(app)
-    return set(getattr(group, "commands", {}))
+    return shlex.join(command)
 
 
 def load_runtime_env(
@@ -232,7 +213,8 @@ def submit(
     entrypoint_num_gpus: float = 0,
     log: Callable[[str], Any] = print,
 ) -> int:
-    """Submit `splinter <command...>` as a Ray job via the Jobs API; stream logs; return the exit code.
+    """Submit `command` (an argv, e.g. `["python", "-m", "pipeline.cli", "mine", ...]`) as a Ray job
+    via the Jobs API; stream logs; return the exit code.
 
     Returns 0 when the job SUCCEEDED (or, without `wait`, once it is accepted), 1 when it FAILED
     or was STOPPED, 2 when it could not be submitted (bad address/runtime env/command, missing or

@@ -16,6 +16,9 @@ _EXPORTS = {
     "SplinterForQuestionAnswering": "splinter.model",
     "SplinterForPreTraining": "splinter.model",
     "SplinterOutput": "splinter.model",
+    "load_pretrained": "splinter.checkpoint",
+    "load_from_bert": "splinter.checkpoint",
+    "save_pretrained": "splinter.checkpoint",
 }
 
 __all__ = [
@@ -25,6 +28,9 @@ __all__ = [
     "SplinterModel",
     "SplinterOutput",
     "SplinterTokenizer",
+    "load_from_bert",
+    "load_pretrained",
+    "save_pretrained",
 ]
 __version__ = "0.1.0"
 
@@ -37,6 +43,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from splinter.checkpoint import load_from_bert, load_pretrained, save_pretrained
     from splinter.config import SplinterConfig
     from splinter.model import (
         SplinterForPreTraining,

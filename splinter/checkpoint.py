@@ -7,6 +7,10 @@ Every key on both sides must be consumed, so a renamed or missing tensor is an e
 
 Canonical checkpoint keys used internally are transformers' SplinterForQuestionAnswering names:
 `splinter.<encoder key>` and `splinter_qass.<head key>`.
+
+Loading and saving are functions of this module rather than methods of the networks, so the dependency
+runs one way: checkpoint -> model. `load_pretrained(SplinterForQuestionAnswering, path)` is the
+counterpart of transformers' `SplinterForQuestionAnswering.from_pretrained(path)`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from splinter.config import CONFIG_NAME, SplinterConfig
+from splinter.model import SplinterForQuestionAnswering, init_weights
+from splinter.tokenizer import SplinterTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +251,6 @@ def _build(
             f"{leftover[:5]}); this is not a Splinter checkpoint with the architecture config.json describes"
         )
     if fresh_qass:
-        from splinter.model import init_weights
-
         init_weights(model.get_submodule("qass"), config.initializer_range)
         if qass_expected:
             logger.warning(
@@ -263,7 +267,8 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> M:
-    """`cls.from_pretrained`: config.json + weights of a transformers-format Splinter checkpoint.
+    """A `cls` (SplinterModel, SplinterForQuestionAnswering, SplinterForPreTraining) from a
+    transformers-format Splinter checkpoint directory: config.json + weights.
 
     dtype None means torch's default (float32), as in transformers. The model comes back in eval mode.
     """
@@ -337,12 +342,35 @@ def load_from_bert(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> M:
-    """`cls.from_bert`: the encoder from a BERT-family checkpoint; the QASS head is freshly initialised."""
+    """A `cls` started from any BERT-family checkpoint directory: the encoder's weights, a fresh QASS head."""
     directory = Path(directory)
     config = bert_config_to_splinter(directory)
     tensors, sources = read_state_dict(directory)
     tensors, sources = _canonical_bert(tensors, sources)
     return _build(cls, config, tensors, sources, directory, dtype, device, qass_expected=False)
+
+
+def bert_to_splinter(bert_dir: str | Path, output: str | Path, do_lower_case: bool | None = None) -> Path:
+    """`splinter from-bert`: write a Splinter QA checkpoint (fresh QASS head) started from a BERT directory.
+
+    `[QUESTION]` takes BERT's unused vocabulary slot 104 (see `SplinterTokenizer.for_bert`); casing comes
+    from the BERT directory's tokenizer_config.json unless given. Refuses to write into `bert_dir` itself.
+    """
+    bert_dir, output = Path(bert_dir), Path(output)
+    if not (bert_dir / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{bert_dir} has no {CONFIG_NAME}: is it a BERT checkpoint directory?")
+    if output.exists() and output.resolve() == bert_dir.resolve():
+        raise ValueError(f"the output {output} is the BERT checkpoint itself: name a new directory")
+    tokenizer = SplinterTokenizer.for_bert(bert_dir, do_lower_case=do_lower_case)
+    # The BERT vocab has no [QUESTION] yet: the warning load_from_bert would print is answered here.
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model = load_from_bert(SplinterForQuestionAnswering, bert_dir)
+    finally:
+        logger.setLevel(level)
+    model.config.question_token_id = tokenizer.question_token_id
+    return save_pretrained(model, output, tokenizer=tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -213,35 +212,13 @@ class Block(nn.Module):
         return self.ln_ff(x + self.drop(self.ff_out(self.act(self.ff_in(x)))))
 
 
-class _Pretrained(nn.Module):
-    """Checkpoint I/O shared by all Splinter models (the work lives in splinter/checkpoint.py)."""
+class _Base(nn.Module):
+    """What every Splinter network shares. Reading and writing checkpoint files is not the network's
+    business: `splinter.checkpoint` builds these classes from files (it depends on this module, never
+    the reverse)."""
 
     config: SplinterConfig
     has_qass: bool = False
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-    ) -> Any:
-        """Load a transformers-format Splinter checkpoint directory (safetensors, sharded or .bin)."""
-        from splinter.checkpoint import load_pretrained
-
-        return load_pretrained(cls, directory, dtype=dtype, device=device)
-
-    @classmethod
-    def from_bert(
-        cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-    ) -> Any:
-        """Start Splinter from any BERT-family checkpoint directory (QASS head freshly initialised)."""
-        from splinter.checkpoint import load_from_bert
-
-        return load_from_bert(cls, directory, dtype=dtype, device=device)
-
-    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
-        """Write model.safetensors (transformers key names) + config.json (+ the tokenizer's files)."""
-        from splinter.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, tokenizer=tokenizer)
 
     def init_weights(self) -> None:
         init_weights(self, self.config.initializer_range)
@@ -255,7 +232,7 @@ class _Pretrained(nn.Module):
         return next(self.parameters()).dtype
 
 
-class SplinterModel(_Pretrained):
+class SplinterModel(_Base):
     """The encoder: embeddings + post-LN transformer layers; returns last_hidden_state (B, S, H)."""
 
     # Input checks cost one small host sync per call; trusted hot loops may switch them off.
@@ -429,7 +406,7 @@ def all_question_positions(input_ids: Tensor, question_token_id: int, pad_positi
 
 
 # ------------------------------------------------------------------------------------------------ task models
-class _WithQASS(_Pretrained):
+class _WithQASS(_Base):
     has_qass = True
 
     def __init__(self, config: SplinterConfig) -> None:

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = ROOT / ".venv" / "bin"
+# The environment running the tests (its `python`, `splinter` and `ray` executables).
+VENV_BIN = Path(sys.executable).parent
 MARKER = "SPLINTER_TEST_CLUSTER"  # every process of the cluster inherits it; teardown finds strays by it
 
 # Variables that would point our cluster or its clients somewhere else.

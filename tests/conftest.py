@@ -53,12 +53,12 @@ def tiny_qa_model(tmp_path_factory) -> Path:
     """A random tiny Splinter QA checkpoint over the bundled cased vocab (fast to load and run)."""
     import torch
 
-    from splinter import SplinterConfig, SplinterForQuestionAnswering, SplinterTokenizer
+    from splinter import SplinterConfig, SplinterForQuestionAnswering, SplinterTokenizer, save_pretrained
 
     tok = SplinterTokenizer.default()
     torch.manual_seed(0)
     config = SplinterConfig.tiny(vocab_size=tok.vocab_size, question_token_id=tok.question_token_id)
     model = SplinterForQuestionAnswering(config)
     out = tmp_path_factory.mktemp("tiny-qa")
-    model.save_pretrained(str(out), tokenizer=tok)
+    save_pretrained(model, str(out), tokenizer=tok)
     return out

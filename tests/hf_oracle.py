@@ -5,7 +5,7 @@ Other test files reuse these helpers, e.g.
     from tests.hf_oracle import make_hf_model, save_hf_model
     hf = make_hf_model("qa", seed=0)                 # eval-mode transformers SplinterForQuestionAnswering
     path = save_hf_model(hf, tmp_path / "ckpt")      # model.safetensors + config.json
-    ours = SplinterForQuestionAnswering.from_pretrained(path)
+    ours = load_pretrained(SplinterForQuestionAnswering, path)  # splinter.checkpoint
 
 Only tests and benchmarks import transformers; `splinter/` never does.
 """

@@ -152,8 +152,8 @@ def test_from_bert_extract_evaluate_cli(tmp_path):
     from conftest import package_file
     from typer.testing import CliRunner
 
+    from pipeline.cli import app
     from splinter import SplinterTokenizer
-    from splinter.cli import app
 
     runner = CliRunner()
     model = tmp_path / "minilm-splinter"

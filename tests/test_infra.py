@@ -21,8 +21,8 @@ import ray
 import typer.main
 import yaml
 
+from pipeline.cli import app
 from pipeline.submit import validate_runtime_env
-from splinter.cli import app
 
 try:  # typer >= 0.20 ships its own copy of click
     from typer._click.exceptions import UsageError
@@ -87,11 +87,11 @@ def check_splinter_args(args: list[str]) -> Any:
 
 
 def check_entrypoint(entrypoint: str) -> list[str]:
-    """An entrypoint is `splinter ...`, `python -m splinter.cli ...` or `python -m jobs.<name> ...`."""
+    """An entrypoint is `splinter ...`, `python -m pipeline.cli ...` or `python -m jobs.<name> ...`."""
     argv = shlex.split(entrypoint)
     if argv[0] == "splinter":
         check_splinter_args(argv[1:])
-    elif argv[:3] == ["python", "-m", "splinter.cli"]:
+    elif argv[:3] == ["python", "-m", "pipeline.cli"]:
         check_splinter_args(argv[3:])
     elif argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."):
         assert importlib.util.find_spec(argv[2]) is not None, f"module {argv[2]} does not exist"
@@ -270,7 +270,7 @@ def test_rayjobs_cover_both_jobs() -> None:
         argv = shlex.split(job["spec"]["entrypoint"])
         if argv[0] == "splinter":
             jobs.add(argv[1])
-        elif argv[:3] == ["python", "-m", "splinter.cli"]:
+        elif argv[:3] == ["python", "-m", "pipeline.cli"]:
             jobs.add(argv[3])
         else:
             jobs.add(argv[2].removeprefix("jobs."))

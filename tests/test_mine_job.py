@@ -138,7 +138,7 @@ def test_output_trains_splinter_for_pretraining(tmp_path):
 
 
 def test_cli_prints_summary_and_refuses_existing_output(tmp_path):
-    from splinter.cli import app
+    from pipeline.cli import app
 
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in _docs(10)))

@@ -1,4 +1,4 @@
-"""Model math: parity with transformers' Splinter (fp32, eval, atol 1e-5), shapes, masking, losses, input checks.
+"""Model math: parity with transformers' Splinter (fp32, eval, 1e-5 per unit of magnitude), shapes, masking, losses, input checks.
 
 transformers adds a (B, S) attention mask to (B, Q, S) logits when question_positions are given, which
 broadcasts the batch axis against Q (wrong values, or a shape error when Q is neither 1 nor B). We mask as
@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from splinter.checkpoint import load_pretrained
 from splinter.config import SplinterConfig
 from splinter.model import (
     SplinterForPreTraining,
@@ -21,8 +22,9 @@ from splinter.model import (
     first_question_positions,
 )
 from tests.hf_oracle import TINY_CONFIGS, build_and_save, make_inputs, tiny_config
+from tests.numerics import assert_close
 
-ATOL = 1e-5
+TOL = 1e-5  # per unit of magnitude: see tests/numerics.py
 MASK_VARIANTS = [(True, True), (True, False), (False, True), (False, False)]
 
 
@@ -35,14 +37,14 @@ def pairs(tmp_path_factory):
         root = tmp_path_factory.mktemp(name)
         hf_qa, qa_dir = build_and_save(root / "qa", "qa", config, seed=1)
         hf_pt, pt_dir = build_and_save(root / "pt", "pretraining", config, seed=2)
-        ours_qa = SplinterForQuestionAnswering.from_pretrained(qa_dir)
-        ours_pt = SplinterForPreTraining.from_pretrained(pt_dir)
+        ours_qa = load_pretrained(SplinterForQuestionAnswering, qa_dir)
+        ours_pt = load_pretrained(SplinterForPreTraining, pt_dir)
         out[name] = (config, hf_qa, ours_qa, hf_pt, ours_pt)
     return out
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
+    assert_close(actual, expected, tol=tol)
 
 
 def _hf_masked_reference(hf_model, inputs, positions):
@@ -177,8 +179,8 @@ def test_pretraining_loss_invariant_to_appended_padded_question(pairs):
         start_positions=torch.cat([starts, pad_col], 1),
         end_positions=torch.cat([ends, pad_col], 1),
     )
-    _close(more.loss, base.loss, atol=1e-6)
-    _close(more.start_logits[:, :2], base.start_logits, atol=1e-6)
+    _close(more.loss, base.loss, tol=1e-6)
+    _close(more.start_logits[:, :2], base.start_logits, tol=1e-6)
 
 
 def test_pretraining_type_errors_like_transformers(pairs):
@@ -218,7 +220,7 @@ def test_train_mode_uses_dropout_and_eval_is_deterministic():
     assert not torch.allclose(a, b)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).start_logits, model(**inputs).start_logits, atol=0, rtol=0)
+        assert torch.equal(model(**inputs).start_logits, model(**inputs).start_logits)
 
 
 def test_backward_reaches_every_parameter():
@@ -262,11 +264,11 @@ def test_padding_does_not_change_real_token_outputs():
     mask = torch.cat([torch.ones(1, 8, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], 1)
     a = model(**short)
     b = model(padded_ids, attention_mask=mask)
-    torch.testing.assert_close(b.start_logits[:, :8], a.start_logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(b.last_hidden_state[:, :8], a.last_hidden_state, atol=1e-5, rtol=0)
+    _close(b.start_logits[:, :8], a.start_logits)
+    _close(b.last_hidden_state[:, :8], a.last_hidden_state)
     # A boolean mask means the same as a 0/1 integer mask.
     c = model(padded_ids, attention_mask=mask.bool())
-    torch.testing.assert_close(c.start_logits, b.start_logits, atol=0, rtol=0)
+    assert torch.equal(c.start_logits, b.start_logits)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -352,4 +354,4 @@ def test_explicit_position_ids_allow_batch_broadcast(small_model):
     with torch.no_grad():
         a = small_model.splinter(ids).last_hidden_state
         b = small_model.splinter(ids, position_ids=torch.arange(3)[None]).last_hidden_state
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    _close(a, b, tol=1e-6)

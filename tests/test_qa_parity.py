@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
+from splinter.checkpoint import load_from_bert, save_pretrained
 from splinter.model import SplinterForQuestionAnswering
 from splinter.squad import load_squad
 from splinter.tokenizer import SplinterTokenizer
@@ -60,11 +61,11 @@ def build_minilm_splinter(directory: Path, layers: int | None = None, seed: int 
     logging.getLogger("splinter.checkpoint").setLevel(
         logging.ERROR
     )  # "no [QUESTION] in vocab": handled above
-    model = SplinterForQuestionAnswering.from_bert(bert)
+    model = load_from_bert(SplinterForQuestionAnswering, bert)
     if layers is not None:
         model.splinter.layers = model.splinter.layers[:layers]
         model.config.num_hidden_layers = layers
-    return model.save_pretrained(directory, tokenizer=tokenizer)
+    return save_pretrained(model, directory, tokenizer=tokenizer)
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +128,7 @@ def test_answers_match_transformers_pipeline(tmp_path: Path) -> None:
         span, score = _best_by_logit_sum(qa, batch["question"][i], batch["context"][i])
         equivalent[i] = span == ours_span[i]
         if equivalent[i]:
-            assert float(ours["score"][i]) == pytest.approx(score, abs=1e-3)  # same logits as transformers
+            assert float(ours["score"][i]) == pytest.approx(score, rel=1e-4, abs=1e-3)  # same logits as transformers
     print(
         f"equivalent (same top-1 on one window; same as run_qa's rule over transformers' windows): "
         f"{equivalent.sum()}/{len(picked)}"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from splinter.tokenizer import SplinterTokenizer
+from splinter.windows import encode_qa_windows
 from tests.conftest import DATA, ROOT
 
 transformers = pytest.importorskip("transformers")
@@ -329,33 +330,6 @@ def test_char_to_token_matches_transformers(ours, hf_right, squad):
     assert got.char_to_token(3) == want.char_to_token(3)
 
 
-# ---------------------------------------------------------------------- template helpers
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_template_helpers(side, ours, ours_left, hf_right, hf_left):
-    # (transformers 4.57's fast build_inputs_with_special_tokens is broken: its question_token_id
-    # raises AttributeError, so the oracle here is what its backend template actually produces.)
-    tok, hf = (ours, hf_right) if side == "right" else (ours_left, hf_left)
-    a, b = [1109, 5855, 2068], [1113, 1103, 3751, 7956, 117]
-    text_a, text_b = "The cat sat", "on the windowsill,"
-    enc = hf(text_a, text_b, return_special_tokens_mask=True)
-    assert tok.build_inputs_with_special_tokens(a, b) == enc["input_ids"]
-    assert tok.build_inputs_with_special_tokens(a) == hf(text_a)["input_ids"]
-    # Type ids and special-token mask follow the template actually applied (the fast tokenizer's).
-    assert tok.create_token_type_ids_from_sequences(a, b) == enc["token_type_ids"]
-    assert tok.get_special_tokens_mask(a, b) == enc["special_tokens_mask"]
-    single = hf(text_a, return_special_tokens_mask=True)
-    assert tok.create_token_type_ids_from_sequences(a) == single["token_type_ids"]
-    assert tok.get_special_tokens_mask(a) == single["special_tokens_mask"]
-    assert tok.get_special_tokens_mask(
-        enc["input_ids"], already_has_special_tokens=True
-    ) == hf.get_special_tokens_mask(enc["input_ids"], already_has_special_tokens=True)
-    assert tok.num_special_tokens_to_add(pair=True) == hf.num_special_tokens_to_add(pair=True)
-    if side == "left":
-        assert enc["token_type_ids"][-3:] == [0, 0, 1]  # fast/v5 template: [QUESTION] . have type 0
-
-
 def test_vocab_helpers(ours, hf_right):
     tokens = ["[CLS]", "The", "##s", "no-such-token", "[QUESTION]"]
     assert ours.convert_tokens_to_ids(tokens) == hf_right.convert_tokens_to_ids(tokens)
@@ -402,8 +376,8 @@ def test_encode_qa_windows_equals_call(
 ):
     # The oracle is transformers itself (our __call__ equals it: test_overflow_windows_parity).
     tok, hf = (ours, hf_right) if side == "right" else (ours_left, hf_left)
-    out = tok.encode_qa_windows(
-        questions, contexts, max_length=max_length, stride=stride, max_query_length=None
+    out = encode_qa_windows(
+        tok, questions, contexts, max_length=max_length, stride=stride, max_query_length=None
     )
     first, second, strategy = (
         (questions, contexts, "only_second") if side == "right" else (contexts, questions, "only_first")
@@ -457,7 +431,7 @@ def test_encode_qa_windows_window_rule_edges(side, ours, ours_left, hf_right, hf
             qs.append(" ".join(rng.choice(words, q_words)))
             cs.append(" ".join(rng.choice(words, c_words)))
     for max_length, stride in [(12, 0), (12, 2), (13, 3), (14, 4), (20, 0), (20, 7), (40, 10), (64, 16)]:
-        out = tok.encode_qa_windows(qs, cs, max_length=max_length, stride=stride, max_query_length=None)
+        out = encode_qa_windows(tok, qs, cs, max_length=max_length, stride=stride, max_query_length=None)
         first, second, strategy = (qs, cs, "only_second") if side == "right" else (cs, qs, "only_first")
         ref = hf(
             first,
@@ -479,7 +453,7 @@ def test_encode_qa_windows_window_rule_edges(side, ours, ours_left, hf_right, hf
 def test_encode_qa_windows_max_query_length(ours, hf_right, questions, contexts):
     long_q = "Which " + " ".join(f"unusually{i} lengthy" for i in range(60)) + " question is this?"
     qs, cs = [long_q, questions[0], "", "Short?"], [contexts[0], contexts[1], contexts[2], ""]
-    out = ours.encode_qa_windows(qs, cs, max_length=384, stride=128, max_query_length=64)
+    out = encode_qa_windows(ours, qs, cs, max_length=384, stride=128, max_query_length=64)
     assert out["question_truncated"].tolist() == [True, False, False, False]
     full = ours.tokenize(long_q)
     assert len(full) > 64
@@ -507,7 +481,7 @@ def test_encode_qa_windows_max_query_length(ours, hf_right, questions, contexts)
 def test_encode_qa_windows_answers_recoverable(ours, squad):
     # The offsets map every gold answer back to its text in the window containing it.
     rows = squad[:80]
-    out = ours.encode_qa_windows([r["question"] for r in rows], [r["context"] for r in rows], 128, 32)
+    out = encode_qa_windows(ours, [r["question"] for r in rows], [r["context"] for r in rows], 128, 32)
     found = 0
     for w in range(len(out["lengths"])):
         r = rows[out["sample_index"][w]]
@@ -522,12 +496,12 @@ def test_encode_qa_windows_answers_recoverable(ours, squad):
 
 
 def test_encode_qa_windows_padding_and_empty(ours):
-    out = ours.encode_qa_windows(["Who?"], ["Me."], max_length=64, stride=16, pad_to_max_length=True)
+    out = encode_qa_windows(ours, ["Who?"], ["Me."], max_length=64, stride=16, pad_to_max_length=True)
     assert out["input_ids"].shape == (1, 64) and out["offsets"].shape == (1, 64, 2)
-    empty = ours.encode_qa_windows([], [])
+    empty = encode_qa_windows(ours, [], [])
     assert empty["input_ids"].shape == (0, 0) and empty["sample_index"].shape == (0,)
     obj = np.array(["Who?", "What?"], dtype=object)
-    out = ours.encode_qa_windows(obj, np.array(["Me.", "That."], dtype=object))
+    out = encode_qa_windows(ours, obj, np.array(["Me.", "That."], dtype=object))
     assert out["sample_index"].tolist() == [0, 1]
 
 
@@ -546,11 +520,11 @@ def test_bad_input(ours, questions, contexts):
     with pytest.raises(ValueError):
         ours(["a", "b"], ["c"])
     with pytest.raises(TypeError, match=r"contexts\[0\]"):
-        ours.encode_qa_windows(["q"], [None])
+        encode_qa_windows(ours, ["q"], [None])
     with pytest.raises(TypeError):
-        ours.encode_qa_windows(None, None)
+        encode_qa_windows(ours, None, None)
     with pytest.raises(ValueError):
-        ours.encode_qa_windows(["q"], ["a", "b"])
+        encode_qa_windows(ours, ["q"], ["a", "b"])
     with pytest.raises(ValueError, match="padding"):
         ours("a", padding="sideways")
     with pytest.raises(ValueError, match="return_tensors"):
@@ -566,9 +540,9 @@ def test_stride_too_large(ours, hf_right, questions, contexts):
     with pytest.raises(ValueError, match="stride"):
         ours(q, "x " * 50, truncation="only_second", max_length=20, stride=5, return_overflowing_tokens=True)
     with pytest.raises(ValueError, match="stride"):
-        ours.encode_qa_windows([q], ["x " * 50], max_length=20, stride=5)
+        encode_qa_windows(ours, [q], ["x " * 50], max_length=20, stride=5)
     with pytest.raises(ValueError, match="stride"):
-        ours.encode_qa_windows(["word " * 300], ["x"], max_length=384, stride=128, max_query_length=None)
+        encode_qa_windows(ours, ["word " * 300], ["x"], max_length=384, stride=128, max_query_length=None)
     # transformers refuses too (its backend panics).
     with pytest.raises(BaseException):  # noqa: B017 - pyo3's PanicException derives from BaseException
         hf_right(
@@ -602,7 +576,6 @@ def test_save_load_roundtrip_ours_and_transformers(side, tmp_path, questions, co
     names = {Path(p).name for p in written}
     assert names == {"vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
     assert (tmp_path / "tok" / "vocab.txt").read_bytes() == VOCAB.read_bytes()
-    assert tok.save_vocabulary(tmp_path / "v") == (str(tmp_path / "v" / "vocab.txt"),)
     ref = _encode_sample(tok, questions, contexts)
 
     back = SplinterTokenizer.from_pretrained(tmp_path / "tok")
@@ -690,6 +663,6 @@ def test_pickle_roundtrip(ours_left, questions, contexts):
 
     copy = pickle.loads(pickle.dumps(ours_left))
     assert copy.padding_side == "left"
-    a = copy.encode_qa_windows(questions[:20], contexts[:20], 64, 16)
-    b = ours_left.encode_qa_windows(questions[:20], contexts[:20], 64, 16)
+    a = encode_qa_windows(copy, questions[:20], contexts[:20], 64, 16)
+    b = encode_qa_windows(ours_left, questions[:20], contexts[:20], 64, 16)
     assert all(np.array_equal(a[k], b[k]) for k in a)

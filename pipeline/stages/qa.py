@@ -38,6 +38,7 @@ import torch
 
 from pipeline.resources import Resources
 from splinter.decode import NO_VALID_SPAN, best_spans
+from splinter.windows import encode_qa_windows
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class QATokenize:
         n = len(questions)
         errors = [self._row_error(q, c) for q, c in zip(questions, contexts, strict=True)]
         good = [i for i in range(n) if not errors[i]]
-        enc = self.tokenizer.encode_qa_windows(
+        enc = encode_qa_windows(
+            self.tokenizer,
             [questions[i] for i in good],
             [contexts[i] for i in good],
             max_length=self.max_length,
@@ -230,6 +232,7 @@ class QAModel:
         n_best: int = 0,
         num_threads: int | None = None,
     ) -> None:
+        from splinter.checkpoint import load_pretrained
         from splinter.model import SplinterForQuestionAnswering
 
         if max_answer_length < 1:
@@ -246,7 +249,7 @@ class QAModel:
             # An actor owns its CPU share; without this torch would spread over every core of the node
             # and oversubscribe it with the other actors and tokenize tasks.
             torch.set_num_threads(max(1, num_threads or math.ceil(type(self).resources.num_cpus)))
-        self.model = SplinterForQuestionAnswering.from_pretrained(model, dtype=self.dtype, device=self.device)
+        self.model = load_pretrained(SplinterForQuestionAnswering, model, dtype=self.dtype, device=self.device)
         self.model.eval()
         # Inputs are checked on the host in __call__ (cheap numpy) instead of once per micro-batch on the
         # device, which would cost a device->host sync each time.

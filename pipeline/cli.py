@@ -1,7 +1,9 @@
-"""`splinter` command line: thin typer wrappers over the library functions.
+"""`splinter` command line: the application on top of the library. Thin typer wrappers only.
 
 Every command is also a plain Python call (`pipeline.mine.run_mine`, `pipeline.extract.run_extract`,
-`splinter.squad.evaluate`, `pipeline.submit.submit`), so nothing here holds logic of its own.
+`pipeline.evaluate.evaluate_files`, `splinter.checkpoint.bert_to_splinter`, `pipeline.submit.submit`),
+so nothing here holds logic of its own. The console script `splinter` and the cluster entrypoint
+`python -m pipeline.cli` both land here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from pipeline.progress import Progress, make_progress
 
 app = typer.Typer(
     name="splinter",
@@ -28,12 +32,13 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/TOM
 FormatOpt = Annotated[str | None, typer.Option("--format", help="Input format: auto, parquet, jsonl, text, textblocks, wikiextractor, squad.")]
 ShardRowsOpt = Annotated[int | None, typer.Option(help="Rows per shard (Parquet, SQuAD, text files); a shard is the unit of commit and resume.")]
 ShardBytesOpt = Annotated[int | None, typer.Option(help="Bytes per shard for JSONL inputs.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an interrupted run: keep committed shards, redo the rest.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing output directory first.")]
-LocalOpt = Annotated[bool, typer.Option("--local", help="Run the stages in a plain local loop, without Ray.")]
+# Booleans are tri-state (None = not given) so a config file's `resume: true` can be turned off with --no-resume.
+ResumeOpt = Annotated[bool | None, typer.Option("--resume/--no-resume", help="Finish an interrupted run: keep committed shards, redo the rest.", show_default=False)]
+OverwriteOpt = Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="Replace an earlier output of this tool (a directory holding anything else is refused).", show_default=False)]
+LocalOpt = Annotated[bool | None, typer.Option("--local/--no-local", help="Run the stages in a plain local loop, without Ray.", show_default=False)]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded local Ray).")]
 CpusOpt = Annotated[int | None, typer.Option("--num-cpus", help="CPUs for the embedded local Ray (default: all).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines, only the summary.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only the summary.")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -41,16 +46,14 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _progress(quiet: bool):
-    if quiet:
-        return None
-    return lambda line: typer.echo(line, err=True)
+def _progress(quiet: bool) -> Progress:
+    return make_progress(quiet=quiet)
 
 
 def _build(cls: type, config: Path | None, fields: dict[str, Any]) -> Any:
     from pipeline.config import ConfigError
 
-    overrides = {k: v for k, v in fields.items() if v is not None and v is not False}
+    overrides = {k: v for k, v in fields.items() if v is not None}
     try:
         return cls.from_file(config, **overrides) if config else cls.from_dict(overrides)
     except ConfigError as exc:
@@ -86,9 +89,9 @@ def mine(
     input_format: FormatOpt = None,
     shard_rows: ShardRowsOpt = None,
     shard_bytes: ShardBytesOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    local: LocalOpt = False,
+    resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = None,
+    local: LocalOpt = None,
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
     quiet: QuietOpt = False,
@@ -127,9 +130,9 @@ def extract(
     input_format: FormatOpt = None,
     shard_rows: ShardRowsOpt = None,
     shard_bytes: ShardBytesOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    local: LocalOpt = False,
+    resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = None,
+    local: LocalOpt = None,
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
     quiet: QuietOpt = False,
@@ -170,26 +173,18 @@ def from_bert(
     lowercase: Annotated[bool | None, typer.Option("--lowercase/--cased", help="Tokenizer casing (default: from the checkpoint's tokenizer_config.json, else cased).", show_default=False)] = None,
 ) -> None:
     """Initialise a Splinter QA model (fresh QASS head) from BERT weights, as the paper's baselines do."""
-    from splinter.model import SplinterForQuestionAnswering
-    from splinter.tokenizer import SplinterTokenizer
+    from splinter.checkpoint import bert_to_splinter
 
-    if not (bert_dir / "config.json").is_file():
-        _fail(f"{bert_dir} has no config.json: is it a BERT checkpoint directory?")
     try:
-        tokenizer = SplinterTokenizer.for_bert(bert_dir, do_lower_case=lowercase)
+        written = bert_to_splinter(bert_dir, output, do_lower_case=lowercase)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    # The model reads the BERT vocab, which has no [QUESTION] yet: that warning is answered here.
-    logging.getLogger("splinter.checkpoint").setLevel(logging.ERROR)
-    model = SplinterForQuestionAnswering.from_bert(str(bert_dir))
-    model.config.question_token_id = tokenizer.question_token_id
-    model.save_pretrained(str(output), tokenizer=tokenizer)
-    typer.echo(f"wrote {output}")
+    typer.echo(f"wrote {written} (the QASS head is untrained: fine-tune it before extracting answers)")
 
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    options_metavar="[OPTIONS] -- mine|extract ARGS...",
+    options_metavar="[OPTIONS] -- COMMAND ARGS...",
 )
 def submit(
     ctx: typer.Context,
@@ -200,28 +195,41 @@ def submit(
     submission_id: Annotated[str | None, typer.Option(help="Job id to use (default: generated).")] = None,
     entrypoint_num_gpus: Annotated[float, typer.Option(help="GPUs reserved for the driver (default 0: leave them to actors).")] = 0.0,
 ) -> None:
-    """Submit `splinter mine|extract ARGS...` to a Ray cluster (Jobs API), stream logs, exit with its status.
+    """Submit `splinter COMMAND ARGS...` to a Ray cluster (Jobs API), stream logs, exit with its status.
 
     Example: splinter submit --address http://head:8265 -- extract s3://bucket/q.parquet s3://bucket/out --model /models/qa
     """
-    from pipeline.submit import SubmitError
     from pipeline.submit import submit as submit_job
 
-    command = list(ctx.args)
-    if not command or command[0] not in ("mine", "extract", "evaluate"):
-        _fail("give the command to run after `--`: splinter submit [OPTIONS] -- mine|extract ARGS...")
-    try:
-        code = submit_job(command, address=address, working_dir=working_dir, runtime_env=runtime_env,
-                          wait=not no_wait, submission_id=submission_id,
-                          entrypoint_num_gpus=entrypoint_num_gpus, log=typer.echo)
-    except SubmitError as exc:
-        _fail(str(exc))
+    code = submit_job(
+        _cluster_command(list(ctx.args)),
+        address=address,
+        working_dir=working_dir,
+        runtime_env=runtime_env,
+        wait=not no_wait,
+        submission_id=submission_id,
+        entrypoint_num_gpus=entrypoint_num_gpus,
+        log=typer.echo,
+    )
     raise typer.Exit(code)
+
+
+def _cluster_command(args: list[str]) -> list[str]:
+    """`python -m pipeline.cli ARGS` after checking that ARGS start with one of our commands."""
+    import difflib
+
+    known = sorted(set(typer.main.get_command(app).commands) - {"submit"})  # type: ignore[attr-defined]
+    if not args or args[0] not in known:
+        near = difflib.get_close_matches(args[0], known, n=1) if args else []
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        given = f"unknown command {args[0]!r}{hint}; " if args else ""
+        _fail(f"{given}give the command to run after `--`: splinter submit [OPTIONS] -- {'|'.join(known)} ARGS...")
+    return ["python", "-m", "pipeline.cli", *args]
 
 
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="splinter")
 
 
-if __name__ == "__main__":  # `python -m splinter.cli ...`, as Ray job entrypoints use
+if __name__ == "__main__":  # `python -m pipeline.cli ...`, as Ray job entrypoints use
     sys.exit(app(prog_name="splinter"))

@@ -1,3 +1,0 @@
-from splinter.cli import main
-
-main()
