@@ -1,4 +1,9 @@
-"""SplinterTokenizer vs transformers 4.57's SplinterTokenizerFast (the oracle), on real SQuAD pairs."""
+"""SplinterTokenizer vs transformers 4.57's SplinterTokenizerFast (the oracle), on real SQuAD pairs.
+
+One file on purpose (~650 lines): every section (the call API, overflow windows, `encode_qa_windows`,
+save/load) compares against the same module-scoped transformers tokenizers and SQuAD sample, which take
+seconds to build; sections are marked by the comment rules below.
+"""
 
 from __future__ import annotations
 
