@@ -42,8 +42,35 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only
 
 
 def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr and an exit code: 2 for what the user can fix (flags, files, config), 1 for a
+    crash. Never a traceback (SPLINTER_TRACEBACK=1 re-raises for a bug report)."""
+    message = " ".join(str(message).split())  # one line, whatever the exception text held
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers (RayTaskError, UserCodeException...)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def _crash(exc: BaseException) -> None:
+    import os
+
+    if os.environ.get("SPLINTER_TRACEBACK"):
+        raise exc
+    cause = _root_cause(exc)
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    text = lines[-1] if type(cause).__module__.startswith("ray") and lines else (lines[0] if lines else "")
+    _fail(f"the job failed: {type(cause).__name__}: {text[:300]} (committed shards are kept: fix the cause and "
+          "rerun with --resume; SPLINTER_TRACEBACK=1 shows the traceback)", code=1)
 
 
 def _progress(quiet: bool) -> Progress:
@@ -69,6 +96,10 @@ def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
         stats = fn(cfg, progress=_progress(quiet))
     except (ConfigError, OutputExistsError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted: committed shards are kept; rerun with --resume to finish", code=130)
+    except Exception as exc:  # a crash: still one line, never a page of Ray tracebacks
+        _crash(exc)
     typer.echo(formatter(stats))
 
 
@@ -155,14 +186,17 @@ def extract(
 def evaluate(
     predictions: Annotated[str, typer.Argument(help="Output directory (or Parquet file) of `splinter extract`.")],
     gold: Annotated[str, typer.Argument(help="SQuAD v1.1 JSON, or Parquet/JSONL with id and answers columns.")],
+    only_predicted: Annotated[bool, typer.Option("--only-predicted", help="Score only the gold questions that have an answer (default: all; unanswered ones score 0).")] = False,
 ) -> None:
-    """SQuAD v1.1 exact match and F1 (official normalisation) of predictions against gold answers."""
+    """SQuAD v1.1 exact match and F1 (official normalisation) of predictions against gold answers, with coverage."""
     from pipeline.evaluate import evaluate_files
 
     try:
-        result = evaluate_files(predictions, gold)
+        result = evaluate_files(predictions, gold, only_predicted=only_predicted)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    if "warning" in result:
+        typer.secho(f"warning: {result['warning']}", fg=typer.colors.YELLOW, err=True)
     typer.echo(json.dumps(result))
 
 
