@@ -29,9 +29,9 @@ app = typer.Typer(
 
 # Options shared by both jobs. Defaults are None so a config file's values survive unless a flag is given.
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/TOML/JSON file with any job field; flags override it.")]
-FormatOpt = Annotated[str | None, typer.Option("--format", help="Input format: auto, parquet, jsonl, text, textblocks, wikiextractor, squad.")]
-ShardRowsOpt = Annotated[int | None, typer.Option(help="Rows per shard (Parquet, SQuAD, text files); a shard is the unit of commit and resume.")]
-ShardBytesOpt = Annotated[int | None, typer.Option(help="Bytes per shard for JSONL inputs.")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="Input format: auto (by name and content), parquet, jsonl, json (an array of records), text, textblocks, wikiextractor, squad; any may be .gz/.bz2/.zst.")]
+ShardRowsOpt = Annotated[int | None, typer.Option(help="Most rows per shard (Parquet, SQuAD, JSON arrays; files for plain text); a shard is the unit of commit and resume.")]
+ShardBytesOpt = Annotated[int | None, typer.Option(help="Most bytes per shard for JSON Lines inputs.")]
 # Booleans are tri-state (None = not given) so a config file's `resume: true` can be turned off with --no-resume.
 ResumeOpt = Annotated[bool | None, typer.Option("--resume/--no-resume", help="Finish an interrupted run: keep committed shards, redo the rest.", show_default=False)]
 OverwriteOpt = Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="Replace an earlier output of this tool (a directory holding anything else is refused).", show_default=False)]
@@ -106,7 +106,7 @@ def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
 @app.command()
 def mine(
     input: Annotated[str, typer.Argument(help="File, directory, glob or URI (file://, s3://...) of the corpus.")],
-    output: Annotated[str, typer.Argument(help="Output directory or URI for Parquet shards and stats.json.")],
+    output: Annotated[str, typer.Argument(help="Output directory or URI: Parquet shards, bookkeeping under __splinter__/.")],
     config: ConfigOpt = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir or vocab.txt (default: bundled bert-base-cased + [QUESTION]).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; output is identical for the same seed and input.")] = None,
@@ -143,7 +143,7 @@ def mine(
 @app.command()
 def extract(
     input: Annotated[str, typer.Argument(help="Parquet/JSONL rows (id, context, question) or SQuAD JSON; file, dir, glob or URI.")],
-    output: Annotated[str, typer.Argument(help="Output directory or URI for Parquet shards and stats.json.")],
+    output: Annotated[str, typer.Argument(help="Output directory or URI: Parquet shards, bookkeeping under __splinter__/.")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Splinter checkpoint directory (config.json, weights, tokenizer files).")] = None,
     config: ConfigOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per batch handed to a model actor (default 256).")] = None,

@@ -170,13 +170,13 @@ def _write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as f:
+    with fs.open_output_stream(tmp, compression=None) as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
     fs.move(tmp, path)
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> Any:
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return json.loads(f.read())
 
 

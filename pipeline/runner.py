@@ -301,10 +301,10 @@ def run_config(cfg: Any, make_spec: Callable[[], JobSpec], progress: Progress | 
     """The common path of every job: validate, plan shards, check the model and output, attach Ray
     (unless local), run. Every mistake a user can fix surfaces before Ray starts and before OUT is touched."""
     cfg.validate()
-    inputs = list_inputs(cfg.input, exclude=cfg.output)
-    shards = plan_shards(inputs, cfg.input_format, cfg.shard_rows, cfg.shard_bytes, cfg.required_columns())
     preflight(cfg)
     check_output(cfg.output, cfg.resume, cfg.overwrite)
+    inputs = list_inputs(cfg.input, exclude=cfg.output)
+    shards = plan_shards(inputs, cfg.input_format, cfg.shard_rows, cfg.shard_bytes, cfg.required_columns())
     if not cfg.local:
         init_ray(cfg.ray_address, cfg.num_cpus)
     # The spec is built after Ray is up: it may size stages by the cluster's resources.

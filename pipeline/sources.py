@@ -132,7 +132,7 @@ def _probe(entry: InputFile, input_format: str, required: dict[str, str]) -> _Pr
         head, compressed = b"", False
         if not strip_codec_suffix(path).endswith(PARQUET_EXT) or input_format not in ("auto", "parquet"):
             with open_input(path, entry.size) as f:
-                compressed = type(f).__name__ == "CompressedInputStream"
+                compressed = isinstance(f, pa.CompressedInputStream)
                 head = f.read(4096)
         if input_format == "auto":
             fmt = detect_format(path, entry.size, entry.version, head)
@@ -169,7 +169,7 @@ def plan_shards(paths: list[str] | list[InputFile], input_format: str, shard_row
     with ThreadPoolExecutor(PROBE_THREADS) as pool:
         probes = list(pool.map(lambda e: _probe(e, input_format, required or {}), entries))
     byte_total = sum(p.entry.size for p in probes if p.format in ("jsonl", "text") and not p.compressed)
-    row_total = sum(p.rows for p in probes)
+    row_total = sum(p.rows for p in probes) + sum(p.format == "text" for p in probes)
     eff_bytes = min(shard_bytes, max(MIN_SHARD_BYTES, math.ceil(byte_total / TARGET_SHARDS)))
     eff_rows = min(shard_rows, max(MIN_SHARD_ROWS, math.ceil(row_total / TARGET_SHARDS)))
 
@@ -224,8 +224,8 @@ def _stat(path: str) -> InputFile:
 def _parquet(path: str, size: int | None = None) -> pq.ParquetFile:
     fs, inner = filesystem(path)
     with open_input(path, size) as f:
-        compressed = type(f).__name__ == "CompressedInputStream"
-        if compressed:  # a compressed Parquet file has to be unpacked before its footer can be read
+        if isinstance(f, pa.CompressedInputStream):
+            # A compressed Parquet file has to be unpacked before its footer can be read.
             return pq.ParquetFile(pa.BufferReader(f.read()))
     return pq.ParquetFile(inner, filesystem=fs)
 

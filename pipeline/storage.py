@@ -189,7 +189,8 @@ def list_files(item: str, exclude: str | None = None) -> list[InputFile]:
     skip_root = None
     if exclude:
         excluded_fs, excluded = filesystem(exclude)
-        skip_root = excluded.rstrip("/") + "/" if excluded_fs is fs else None
+        local = isinstance(fs, pafs.LocalFileSystem) and isinstance(excluded_fs, pafs.LocalFileSystem)
+        skip_root = excluded.rstrip("/") + "/" if excluded_fs is fs or local else None
     wild = [inner.find(ch) for ch in "*?[" if ch in inner]
     try:
         if wild:
