@@ -61,16 +61,30 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _describe(exc: BaseException) -> str:
+    """`Type: message` of what really failed; Ray keeps a worker's exception only as traceback text."""
+    import re
+
+    cause = _root_cause(exc)
+    if not type(cause).__module__.startswith("ray"):
+        lines = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+    for text in (str(exc), str(cause)):
+        hits = [line.strip() for line in text.splitlines()
+                if re.match(r"\s*[A-Za-z_][\w.]*(Error|Exception|Interrupt): ", line)
+                and not line.strip().startswith("ray.")]
+        if hits:
+            return hits[-1]
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+
+
 def _crash(exc: BaseException) -> None:
     import os
 
     if os.environ.get("SPLINTER_TRACEBACK"):
         raise exc
-    cause = _root_cause(exc)
-    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-    text = lines[-1] if type(cause).__module__.startswith("ray") and lines else (lines[0] if lines else "")
-    _fail(f"the job failed: {type(cause).__name__}: {text[:300]} (committed shards are kept: fix the cause and "
-          "rerun with --resume; SPLINTER_TRACEBACK=1 shows the traceback)", code=1)
+    _fail(f"the job failed: {_describe(exc)[:300]} (committed shards are kept: fix the cause and rerun with "
+          "--resume; SPLINTER_TRACEBACK=1 shows the traceback)", code=1)
 
 
 def _progress(quiet: bool) -> Progress:

@@ -246,3 +246,27 @@ def test_evaluate_reports_coverage_and_scores_the_answered_subset(tmp_path):
     code, err, stdout = _cli("evaluate", str(preds), str(SQUAD), "--only-predicted")
     result = json.loads(stdout)
     assert code == 0 and result["exact_match"] == 100.0 and result["count"] == 30 and "warning" not in result
+
+
+def test_a_crash_inside_ray_is_one_line_naming_the_real_error(tmp_path, ray_session, capsys):
+    import typer
+    from runner_stages import WordRows
+
+    from pipeline import cli
+    from pipeline.runner import StageSpec, run
+
+    corpus = _corpus(tmp_path, 5)
+    with corpus.open("a") as f:
+        f.write(json.dumps({"id": "boom", "text": "this doc explodes"}) + "\n")
+    spec = JobSpec(name="words", read=ReadOptions(kind="documents"),
+                   stages=[StageSpec(WordRows, {"fail_on": "explodes"})],
+                   schema=pa.schema([("doc_id", pa.string()), ("word", pa.string()), ("skip_reason", pa.string())]),
+                   reason_column="skip_reason", drop_reason_rows=True)
+    shards = plan_shards(list_inputs([str(corpus)]), "auto", 100, 1 << 20)
+    with pytest.raises(Exception) as info:
+        run(spec, shards, str(tmp_path / "out"), engine="ray")
+    with pytest.raises(typer.Exit) as exit_info:
+        cli._crash(info.value)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.exit_code == 1 and len(err.splitlines()) == 1
+    assert "RuntimeError: injected failure on boom" in err and "--resume" in err
