@@ -67,25 +67,33 @@ def _static_credentials(fs: pafs.FileSystem) -> pafs.FileSystem:
     return rebuild(options)
 
 
+def _client_key(uri: str) -> tuple[str, str, str]:
+    """(cache key, scheme, path inside the store) of a remote URI: one client per bucket and query string."""
+    base, query = split_query(uri)
+    scheme, rest = base.split("://", 1)
+    netloc, _, path = rest.partition("/")
+    # `s3://KEY:SECRET@bucket/...` names its own credentials: they select the client, never the path.
+    bucket = netloc.rsplit("@", 1)[-1]
+    return f"{scheme}://{netloc}?{query}", scheme, f"{bucket}/{path}".rstrip("/")
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI; one cached client per bucket and query."""
     if not is_uri(path):
         return _LOCAL, os.path.abspath(path)
-    base, query = split_query(path)
-    scheme, rest = base.split("://", 1)
-    if scheme == "file":
-        return pafs.FileSystem.from_uri(base)
-    bucket = rest.split("/", 1)[0]
-    key = f"{scheme}://{bucket}?{query}"
+    if path.startswith("file://"):
+        return pafs.FileSystem.from_uri(split_query(path)[0])
+    key, scheme, inner = _client_key(path)
     if key not in _CLIENTS:
+        netloc, query = key.split("://", 1)[1].split("?", 1)
         try:
-            fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
+            fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{netloc}" + (f"?{query}" if query else ""))
         except (pa.ArrowInvalid, OSError, ValueError) as exc:
             raise ConfigError(f"cannot open {path}: {_first_line(exc)}") from None
         _CLIENTS[key] = _static_credentials(fs)
     if scheme in ("s3", "gs", "gcs"):
-        return _CLIENTS[key], rest.rstrip("/")
-    return _CLIENTS[key], pafs.FileSystem.from_uri(base)[1]
+        return _CLIENTS[key], inner
+    return _CLIENTS[key], pafs.FileSystem.from_uri(split_query(path)[0])[1]
 
 
 def export_filesystems(paths: Iterable[str]) -> dict[str, pafs.FileSystem]:
@@ -93,11 +101,10 @@ def export_filesystems(paths: Iterable[str]) -> dict[str, pafs.FileSystem]:
     out: dict[str, pafs.FileSystem] = {}
     for path in paths:
         if is_uri(path) and not path.startswith("file://"):
-            base, query = split_query(path)
-            scheme, rest = base.split("://", 1)
-            key = f"{scheme}://{rest.split('/', 1)[0]}?{query}"
-            filesystem(path)
-            out[key] = _CLIENTS[key]
+            key = _client_key(path)[0]
+            if key not in out:
+                filesystem(path)
+                out[key] = _CLIENTS[key]
     return out
 
 
@@ -112,10 +119,12 @@ def location(base: str, inner: str) -> str:
     if not is_uri(base):
         return inner
     uri, query = split_query(base)
-    scheme = uri.split("://", 1)[0]
+    scheme, rest = uri.split("://", 1)
     if scheme == "file":
         return f"file://{inner}"
-    return f"{scheme}://{inner}" + (f"?{query}" if query else "")
+    netloc = rest.split("/", 1)[0]
+    userinfo = netloc.rsplit("@", 1)[0] + "@" if "@" in netloc else ""
+    return f"{scheme}://{userinfo}{inner}" + (f"?{query}" if query else "")
 
 
 def _first_line(exc: BaseException) -> str:
