@@ -16,8 +16,6 @@ from typing import Any, Self
 
 import yaml
 
-from splinter.tokenizer import PAIR_SPECIAL_TOKENS
-
 # json: one JSON array of records. Any format may be gzip/bzip2/zstd compressed.
 FORMATS = ("auto", "parquet", "jsonl", "json", "text", "textblocks", "wikiextractor", "squad")
 
@@ -184,6 +182,8 @@ class ExtractConfig(RunConfig):
             raise ConfigError(f"max_length must be in [32, 4096], got {self.max_length}")
         # A window holds the question (up to max_query_length tokens), the template's tokens and the
         # context; the overlap between windows must leave room for new context tokens.
+        from splinter.tokenizer import PAIR_SPECIAL_TOKENS  # here: `import pipeline.config` stays light
+
         room = self.max_length - self.max_query_length - PAIR_SPECIAL_TOKENS
         if self.max_query_length < 1:
             raise ConfigError(f"max_query_length must be >= 1, got {self.max_query_length}")
