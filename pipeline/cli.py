@@ -29,9 +29,9 @@ app = typer.Typer(
 
 # Options shared by both jobs. Defaults are None so a config file's values survive unless a flag is given.
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML/TOML/JSON file with any job field; flags override it.")]
-FormatOpt = Annotated[str | None, typer.Option("--format", help="Input format: auto, parquet, jsonl, text, textblocks, wikiextractor, squad.")]
-ShardRowsOpt = Annotated[int | None, typer.Option(help="Rows per shard (Parquet, SQuAD, text files); a shard is the unit of commit and resume.")]
-ShardBytesOpt = Annotated[int | None, typer.Option(help="Bytes per shard for JSONL inputs.")]
+FormatOpt = Annotated[str | None, typer.Option("--format", help="Input format: auto (by name and content), parquet, jsonl, json (an array of records), text, textblocks, wikiextractor, squad; any may be .gz/.bz2/.zst.")]
+ShardRowsOpt = Annotated[int | None, typer.Option(help="Most rows per shard (Parquet, SQuAD, JSON arrays; files for plain text); a shard is the unit of commit and resume.")]
+ShardBytesOpt = Annotated[int | None, typer.Option(help="Most bytes per shard for JSON Lines inputs.")]
 # Booleans are tri-state (None = not given) so a config file's `resume: true` can be turned off with --no-resume.
 ResumeOpt = Annotated[bool | None, typer.Option("--resume/--no-resume", help="Finish an interrupted run: keep committed shards, redo the rest.", show_default=False)]
 OverwriteOpt = Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="Replace an earlier output of this tool (a directory holding anything else is refused).", show_default=False)]
@@ -42,8 +42,49 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only
 
 
 def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr and an exit code: 2 for what the user can fix (flags, files, config), 1 for a
+    crash. Never a traceback (SPLINTER_TRACEBACK=1 re-raises for a bug report)."""
+    message = " ".join(str(message).split())  # one line, whatever the exception text held
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers (RayTaskError, UserCodeException...)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message` of what really failed; Ray keeps a worker's exception only as traceback text."""
+    import re
+
+    cause = _root_cause(exc)
+    if not type(cause).__module__.startswith("ray"):
+        lines = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+    for text in (str(exc), str(cause)):
+        hits = [line.strip() for line in text.splitlines()
+                if re.match(r"\s*[A-Za-z_][\w.]*(Error|Exception|Interrupt): ", line)
+                and not line.strip().startswith("ray.")]
+        if hits:
+            return hits[-1]
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+
+
+def _crash(exc: BaseException) -> None:
+    import os
+
+    if os.environ.get("SPLINTER_TRACEBACK"):
+        raise exc
+    _fail(f"the job failed: {_describe(exc)[:300]} (committed shards are kept: fix the cause and rerun with "
+          "--resume; SPLINTER_TRACEBACK=1 shows the traceback)", code=1)
 
 
 def _progress(quiet: bool) -> Progress:
@@ -69,13 +110,17 @@ def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
         stats = fn(cfg, progress=_progress(quiet))
     except (ConfigError, OutputExistsError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted: committed shards are kept; rerun with --resume to finish", code=130)
+    except Exception as exc:  # a crash: still one line, never a page of Ray tracebacks
+        _crash(exc)
     typer.echo(formatter(stats))
 
 
 @app.command()
 def mine(
     input: Annotated[str, typer.Argument(help="File, directory, glob or URI (file://, s3://...) of the corpus.")],
-    output: Annotated[str, typer.Argument(help="Output directory or URI for Parquet shards and stats.json.")],
+    output: Annotated[str, typer.Argument(help="Output directory or URI: Parquet shards, bookkeeping under __splinter__/.")],
     config: ConfigOpt = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir or vocab.txt (default: bundled bert-base-cased + [QUESTION]).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; output is identical for the same seed and input.")] = None,
@@ -112,7 +157,7 @@ def mine(
 @app.command()
 def extract(
     input: Annotated[str, typer.Argument(help="Parquet/JSONL rows (id, context, question) or SQuAD JSON; file, dir, glob or URI.")],
-    output: Annotated[str, typer.Argument(help="Output directory or URI for Parquet shards and stats.json.")],
+    output: Annotated[str, typer.Argument(help="Output directory or URI: Parquet shards, bookkeeping under __splinter__/.")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Splinter checkpoint directory (config.json, weights, tokenizer files).")] = None,
     config: ConfigOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per batch handed to a model actor (default 256).")] = None,
@@ -155,14 +200,17 @@ def extract(
 def evaluate(
     predictions: Annotated[str, typer.Argument(help="Output directory (or Parquet file) of `splinter extract`.")],
     gold: Annotated[str, typer.Argument(help="SQuAD v1.1 JSON, or Parquet/JSONL with id and answers columns.")],
+    only_predicted: Annotated[bool, typer.Option("--only-predicted", help="Score only the gold questions that have an answer (default: all; unanswered ones score 0).")] = False,
 ) -> None:
-    """SQuAD v1.1 exact match and F1 (official normalisation) of predictions against gold answers."""
+    """SQuAD v1.1 exact match and F1 (official normalisation) of predictions against gold answers, with coverage."""
     from pipeline.evaluate import evaluate_files
 
     try:
-        result = evaluate_files(predictions, gold)
+        result = evaluate_files(predictions, gold, only_predicted=only_predicted)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    if "warning" in result:
+        typer.secho(f"warning: {result['warning']}", fg=typer.colors.YELLOW, err=True)
     typer.echo(json.dumps(result))
 
 

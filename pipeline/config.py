@@ -16,7 +16,8 @@ from typing import Any, Self
 
 import yaml
 
-FORMATS = ("auto", "parquet", "jsonl", "text", "textblocks", "wikiextractor", "squad")
+# json: one JSON array of records. Any format may be gzip/bzip2/zstd compressed.
+FORMATS = ("auto", "parquet", "jsonl", "json", "text", "textblocks", "wikiextractor", "squad")
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,9 @@ class RunConfig:
     input: list[str] = field(default_factory=list)
     output: str = ""
     input_format: str = "auto"
-    # Rows per shard for Parquet / SQuAD, bytes per shard for JSONL. A shard is the unit of commit and resume.
+    # Most rows per shard for Parquet / SQuAD / JSON arrays (files per shard for plain text), most bytes per
+    # shard for JSONL. A shard is the unit of work, commit and resume; small inputs get smaller shards
+    # (see pipeline.sources.TARGET_SHARDS) so they still spread over workers.
     shard_rows: int = 5_000
     shard_bytes: int = 4 << 20
     resume: bool = False
@@ -95,6 +98,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def required_columns(self) -> dict[str, str]:
+        """Columns every Parquet input must have -> the flag that names them (checked when planning)."""
+        return {}
+
     def output_fields(self) -> dict[str, Any]:
         """The fields that decide the output: `--resume` is refused when they change."""
         return {k: v for k, v in self.to_dict().items() if k not in self.SCHEDULING}
@@ -134,6 +141,9 @@ class MineConfig(RunConfig):
         if self.tokenizer and "://" not in self.tokenizer and not os.path.exists(self.tokenizer):
             raise ConfigError(f"tokenizer not found: {self.tokenizer} (a directory or a vocab.txt)")
 
+    def required_columns(self) -> dict[str, str]:
+        return {self.text_column: "--text-column"}
+
 
 @dataclass
 class ExtractConfig(RunConfig):
@@ -170,11 +180,30 @@ class ExtractConfig(RunConfig):
             raise ConfigError("batch_size and num_actors must be >= 1")
         if not 32 <= self.max_length <= 4096:
             raise ConfigError(f"max_length must be in [32, 4096], got {self.max_length}")
-        if not 0 <= self.stride < self.max_length // 2:
-            raise ConfigError(f"stride must be in [0, max_length/2), got {self.stride} for max_length {self.max_length}")
+        # A window holds the question (up to max_query_length tokens), the template's tokens and the
+        # context; the overlap between windows must leave room for new context tokens.
+        from splinter.tokenizer import PAIR_SPECIAL_TOKENS  # here: `import pipeline.config` stays light
+
+        room = self.max_length - self.max_query_length - PAIR_SPECIAL_TOKENS
+        if self.max_query_length < 1:
+            raise ConfigError(f"max_query_length must be >= 1, got {self.max_query_length}")
+        if room < 1:
+            raise ConfigError(
+                f"--max-length {self.max_length} leaves no room for context: a window holds up to "
+                f"{self.max_query_length} question tokens (max_query_length) and {PAIR_SPECIAL_TOKENS} template "
+                "tokens; raise --max-length")
+        limit = min(room, self.max_length // 2)
+        if not 0 <= self.stride < limit:
+            raise ConfigError(
+                f"--stride must be in [0, {limit}) for --max-length {self.max_length} (a window holds up to "
+                f"{self.max_query_length} question tokens and {PAIR_SPECIAL_TOKENS} template tokens, leaving "
+                f"{room} for context), got {self.stride}")
         if self.max_answer_length < 1 or self.n_best < 0 or self.max_context_chars < 1:
             raise ConfigError("max_answer_length and max_context_chars must be >= 1, n_best >= 0")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def required_columns(self) -> dict[str, str]:
+        return {self.question_column: "--question-column", self.context_column: "--context-column"}

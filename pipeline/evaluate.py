@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow.dataset as pads
 
+from pipeline.output import is_complete
 from pipeline.sources import filesystem
 from splinter.squad import evaluate, load_squad
 
@@ -29,7 +30,7 @@ def load_predictions(path: str) -> tuple[dict[str, str | None], bool]:
     fs, inner = filesystem(path)
     complete = True
     if fs.get_file_info(inner).type.name == "Directory":
-        complete = fs.get_file_info(f"{inner}/_SUCCESS").type.name == "File"
+        complete = is_complete(path)
     rows = _read_table(path)
     if rows and "answer" not in rows[0]:
         raise ValueError(f"{path} has no 'answer' column: is it the output of `splinter extract`?")
@@ -50,10 +51,30 @@ def load_gold(path: str) -> dict[str, list[str]]:
     return out
 
 
-def evaluate_files(predictions: str, gold: str) -> dict[str, Any]:
+def evaluate_files(predictions: str, gold: str, only_predicted: bool = False) -> dict[str, Any]:
+    """SQuAD EM/F1 over every gold question (a question without an answer scores 0), or with
+    `only_predicted` over the gold questions that have an answer. Coverage is always reported, and a
+    partial run or a low coverage comes with a warning."""
     preds, complete = load_predictions(predictions)
-    result: dict[str, Any] = dict(evaluate(preds, load_gold(gold)))
+    gold_answers = load_gold(gold)
+    answered = {k for k, v in preds.items() if v is not None}
+    predicted = answered & set(gold_answers)
+    unknown = len(set(preds) - set(gold_answers))
+    scored = {k: gold_answers[k] for k in gold_answers if k in predicted} if only_predicted else gold_answers
+    result: dict[str, Any] = dict(evaluate(preds, scored))
+    result.update(gold_questions=len(gold_answers), predicted=len(predicted),
+                  coverage=round(len(predicted) / len(gold_answers), 4) if gold_answers else 0.0,
+                  scored_on="predicted" if only_predicted else "all")
+    warnings = []
     if not complete:
         # Never let a partial run pass for a finished one.
-        result["warning"] = "predictions are incomplete (no _SUCCESS marker): the run did not finish"
+        warnings.append("predictions are incomplete (no _SUCCESS marker): the run did not finish")
+    if len(predicted) < len(gold_answers) and not only_predicted:
+        warnings.append(f"only {len(predicted):,} of {len(gold_answers):,} gold questions have an answer "
+                        f"({100 * result['coverage']:.1f}%); the others score 0: pass --only-predicted to "
+                        "score the answered ones alone")
+    if unknown:
+        warnings.append(f"{unknown:,} predictions have ids that are not in {gold}: is it the right gold file?")
+    if warnings:
+        result["warning"] = "; ".join(warnings)
     return result

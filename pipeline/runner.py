@@ -10,11 +10,12 @@ Exactly-once output, shard by shard:
 3. the writer hands the driver only a tiny receipt per shard in its batch: how many source rows
    the batch accounts for. A batch holding a whole shard (the usual case: Ray fuses read, task
    stages and writer into one task per shard) is published on the spot; otherwise the batch goes
-   to `OUT/_staging/<shard>/` as a part named by its first row;
+   to `OUT/__splinter__/staging/<shard>/` as a part named by its first row;
 4. when a shard's receipts add up to its row count, its parts are merged in row order; either way
    a shard lands as `OUT/<shard>.parquet` (temporary file, then rename) with
-   `OUT/_stats/<shard>.json` written last as its completion marker;
-5. when all shards are committed, `OUT/stats.json` and `OUT/_SUCCESS` are written.
+   `OUT/__splinter__/shards/<shard>.json` written last as its completion marker;
+5. when all shards are committed, `OUT/__splinter__/stats.json` and `OUT/__splinter__/_SUCCESS` are
+   written, from the per-shard stats the driver collected.
 A crash leaves committed shards intact and no `_SUCCESS`; `--resume` redoes only the rest.
 
 The pieces live beside this file: `pipeline.spec` (what a job is), `pipeline.batch` (batches and
@@ -23,6 +24,7 @@ applying a stage), `pipeline.output` (parts, commits, the output directory's sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,12 +37,21 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.batch import apply_chunked, apply_stage, batch_len, read_batch, slice_batch
-from pipeline.output import OutputExistsError, commit_shard, finish_output, prepare_output, write_parts
+from pipeline.output import (
+    OutputExistsError,
+    check_output,
+    commit_shard,
+    finish_output,
+    prepare_output,
+    write_parts,
+)
+from pipeline.preflight import preflight
 from pipeline.progress import NullProgress, Progress
 from pipeline.resources import Resources
-from pipeline.sources import ReadOptions, Shard, expand_inputs, plan_shards, read_shard
+from pipeline.sources import ReadOptions, Shard, list_inputs, plan_shards, read_shard
 from pipeline.spec import Batch, JobSpec, StageSpec
 from pipeline.stats import merge_stats
+from pipeline.storage import export_filesystems
 
 __all__ = ["JobSpec", "OutputExistsError", "StageSpec", "init_ray", "run", "run_config"]
 
@@ -99,12 +110,13 @@ def _write(batch: Batch, spec: JobSpec, output: str) -> Batch:
     return receipts
 
 
-def run_local(spec: JobSpec, shards: list[Shard], output: str, progress: Progress, already_done: int = 0) -> None:
-    """A plain loop over shards and stages: no Ray, same pieces, same rows."""
+def run_local(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
+              already_done: int = 0) -> dict[int, dict[str, Any]]:
+    """A plain loop over shards and stages: no Ray, same pieces, same rows. Returns each shard's stats."""
     stages = [(s.build(), s.res.batch_size) for s in spec.stages]
 
     def commit(shard: int, stats: dict[str, Any]) -> None:
-        commit_shard(output, shard, spec.schema, stats)
+        commit_shard(output, shard, spec.schema, stats, spec.read.filesystems)
 
     tracker = _Tracker(spec, shards, commit, progress, already_done)
     for shard in shards:
@@ -116,6 +128,7 @@ def run_local(spec: JobSpec, shards: list[Shard], output: str, progress: Progres
             tracker.feed(_write(slice_batch(batch, i, i + spec.write_batch_size), spec, output))
             tracker.report()
     tracker.finish()
+    return {i: tracker.stats[i] for i in tracker.done}
 
 
 # Stage construction is cached per worker process so a task-pool stage builds its tokenizer once.
@@ -161,13 +174,14 @@ class _Committer:
     """One long-lived process for shard commits: a task per commit would start a worker process
     (and import pyarrow) per shard. Only shards split across batches need it."""
 
-    def commit(self, output: str, shard: int, schema: pa.Schema, stats: dict[str, Any]) -> int:
-        commit_shard(output, shard, schema, stats)
+    def commit(self, output: str, shard: int, schema: pa.Schema, stats: dict[str, Any],
+               filesystems: dict[str, Any]) -> int:
+        commit_shard(output, shard, schema, stats, filesystems)
         return shard
 
 
 def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress, already_done: int = 0,
-            stage_overrides: dict[int, Resources] | None = None) -> None:
+            stage_overrides: dict[int, Resources] | None = None) -> dict[int, dict[str, Any]]:
     """Stream shards through Ray Data: read tasks -> stage tasks/actor pools -> part writers."""
     import ray
 
@@ -211,7 +225,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     pending: list[Any] = []
 
     def commit(shard: int, stats: dict[str, Any]) -> None:
-        pending.append(committer.commit.remote(output, shard, spec.schema, stats))
+        pending.append(committer.commit.remote(output, shard, spec.schema, stats, spec.read.filesystems))
 
     tracker = _Tracker(spec, shards, commit, progress, already_done)
     for receipts in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -223,6 +237,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     tracker.finish()
     ray.get(pending)
     ray.kill(committer)
+    return {i: tracker.stats[i] for i in tracker.done}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -258,30 +273,38 @@ def _local_object_store_bytes() -> int:
 def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray", resume: bool = False,
         overwrite: bool = False, progress: Progress | None = None,
         stage_overrides: dict[int, Resources] | None = None) -> dict[str, Any]:
-    """Run a job to completion; return the merged stats (also written to OUT/stats.json)."""
+    """Run a job to completion; return the merged stats (also written to OUT/__splinter__/stats.json)."""
     start = time.perf_counter()
+    # The driver's storage clients travel with the job: workers reuse them instead of building their own.
+    paths = [output, *(p for s in shards for p in s.paths[:1])]
+    spec = dataclasses.replace(spec, read=dataclasses.replace(spec.read, filesystems=export_filesystems(paths)))
     done = prepare_output(output, spec, shards, resume, overwrite)
     todo = [s for s in shards if s.index not in done]
     progress = progress or NullProgress()
     if done:
         progress.log(f"[{spec.name}] resuming: {len(done)} of {len(shards)} shards already committed")
+    held = dict(done)
     try:
         if todo and engine == "local":
-            run_local(spec, todo, output, progress, len(done))
+            held.update(run_local(spec, todo, output, progress, len(done)))
         elif todo and engine == "ray":
-            run_ray(spec, todo, output, progress, len(done), stage_overrides)
+            held.update(run_ray(spec, todo, output, progress, len(done), stage_overrides))
         elif todo:
             raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     finally:
         progress.close()
     seconds = time.perf_counter() - start
-    return finish_output(output, shards, {"seconds": round(seconds, 3), "resumed_shards": len(done)})
+    return finish_output(output, shards, {"seconds": round(seconds, 3), "resumed_shards": len(done)}, held)
 
 
 def run_config(cfg: Any, make_spec: Callable[[], JobSpec], progress: Progress | None = None) -> dict[str, Any]:
-    """The common path of every job: validate, plan shards, attach Ray (unless local), run."""
+    """The common path of every job: validate, plan shards, check the model and output, attach Ray
+    (unless local), run. Every mistake a user can fix surfaces before Ray starts and before OUT is touched."""
     cfg.validate()
-    shards = plan_shards(expand_inputs(cfg.input), cfg.input_format, cfg.shard_rows, cfg.shard_bytes)
+    preflight(cfg)
+    check_output(cfg.output, cfg.resume, cfg.overwrite)
+    inputs = list_inputs(cfg.input, exclude=cfg.output)
+    shards = plan_shards(inputs, cfg.input_format, cfg.shard_rows, cfg.shard_bytes, cfg.required_columns())
     if not cfg.local:
         init_ray(cfg.ray_address, cfg.num_cpus)
     # The spec is built after Ray is up: it may size stages by the cluster's resources.

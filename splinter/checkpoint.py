@@ -109,21 +109,10 @@ def read_state_dict(directory: str | Path) -> tuple[dict[str, Tensor], dict[str,
     Looks for model.safetensors, its sharded index, pytorch_model.bin (loaded with weights_only=True, so a
     pickle cannot run code), or its sharded index, in that order.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-
-    def load_one(path: Path) -> dict[str, Tensor]:
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file {path} is missing (listed in the shard index?)")
-        if path.name.endswith(".safetensors"):
-            return load_file(str(path), device="cpu")
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} does not hold a state dict (got {type(loaded).__name__})")
-        return loaded
+    load_one = read_weights_file
 
     for single, index in ((SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME), (TORCH_BIN_NAME, TORCH_BIN_INDEX_NAME)):
         if (directory / single).is_file():
@@ -147,6 +136,45 @@ def read_state_dict(directory: str | Path) -> tuple[dict[str, Tensor], dict[str,
         f"no weights in {directory}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
         f"{TORCH_BIN_NAME} or {TORCH_BIN_INDEX_NAME}"
     )
+
+
+def read_weights_file(path: str | Path, mmap: bool = False) -> dict[str, Tensor]:
+    """The tensors of one weights file (.safetensors, or a torch .bin read with weights_only=True).
+
+    A broken or hostile file is a ValueError of one line that names the file and says what to do; with
+    `mmap`, a .bin file's tensors stay on disk (a cheap check that it is readable and holds only tensors).
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing (listed in the shard index?)")
+    if path.name.endswith(".safetensors"):
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({_first_line(err)}); it is truncated or "
+                             "corrupt: download or save it again") from None
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and path.stat().st_size > 0)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, i.e. running whatever code the file holds.
+        raise ValueError(f"{path} is refused: it holds pickled objects other than tensors, and loading them could "
+                         "run code; use a model.safetensors from a trusted source instead") from None
+    except (RuntimeError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)}); it is truncated or "
+                         "corrupt: download or save it again") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(loaded).__name__})")
+    return loaded
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _canonical_splinter(tensors: dict[str, Tensor], sources: dict[str, str]) -> tuple[dict, dict]:

@@ -128,7 +128,7 @@ def test_mine_job(cluster: LocalCluster, tmp_path: Path) -> None:
     assert code == 0, output
     assert "SUCCEEDED" in output
     rows = read_rows(out)
-    assert rows and (out / "_SUCCESS").is_file()
+    assert rows and (out / "__splinter__" / "_SUCCESS").is_file()
 
 
 def test_extract_job(cluster: LocalCluster, tmp_path: Path, tiny_qa_model: Path) -> None:

@@ -17,6 +17,7 @@ from conftest import DATA
 
 from pipeline.config import ConfigError, ExtractConfig
 from pipeline.extract import run_extract
+from pipeline.output import is_complete
 
 SQUAD = DATA / "squad_sample.json"
 
@@ -75,7 +76,7 @@ def test_ray_matches_local_on_real_squad(tmp_path, tiny_qa_model, ray_session):
     for col in ("id", "answer", "start_char", "end_char", "error", "nbest_answers"):
         assert ray_out[col].to_pylist() == local[col].to_pylist(), col
     np.testing.assert_allclose(ray_out["score"].to_numpy(), local["score"].to_numpy(), rtol=1e-4, atol=1e-4)
-    assert (tmp_path / "ray" / "_SUCCESS").is_file()
+    assert is_complete(str(tmp_path / "ray"))
 
 
 def test_config_errors_are_clear(tmp_path, tiny_qa_model):
@@ -139,7 +140,7 @@ def test_killed_model_actor_is_restarted_and_nothing_is_lost(tmp_path, tiny_qa_m
     stats = run_extract(ExtractConfig(output=str(out), **common))
     thread.join()
     assert killed, "no busy model actor was found to kill"
-    assert not (out / "_staging").exists()
+    assert not (out / "__splinter__" / "staging").exists()
     result = _read(out)
     expected = _read(clean)
     assert result["id"].to_pylist() == expected["id"].to_pylist()
@@ -175,9 +176,9 @@ def test_from_bert_extract_evaluate_cli(tmp_path):
     assert "questions in" in result.output
     result = runner.invoke(app, ["evaluate", str(out), str(gold)])
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output)
+    metrics = json.loads(result.stdout)
     n = sum(len(p["qas"]) for p in data["data"][0]["paragraphs"])
     assert metrics["count"] == n and metrics["missing"] == 0 and 0 <= metrics["f1"] <= 100
     assert "warning" not in metrics
-    (out / "_SUCCESS").unlink()
-    assert "incomplete" in json.loads(runner.invoke(app, ["evaluate", str(out), str(gold)]).output)["warning"]
+    (out / "__splinter__" / "_SUCCESS").unlink()
+    assert "incomplete" in json.loads(runner.invoke(app, ["evaluate", str(out), str(gold)]).stdout)["warning"]

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.config import ConfigError, MineConfig
 from pipeline.mine import run_mine
+from pipeline.output import is_complete, read_stats
 
 WIKI = ROOT / "data" / "wiki_sample.jsonl"
 
@@ -49,8 +50,8 @@ def test_same_output_whatever_the_files_shards_and_workers(tmp_path, ray_session
     assert local["rows_in"] == ray_run["rows_in"] == 120
     assert local["documents_used"] + sum(local.get("skipped", {}).values()) == 120
     assert local["sequences"] == _read(tmp_path / "local").num_rows > 100
-    assert (tmp_path / "ray" / "_SUCCESS").is_file()
-    stats = json.loads((tmp_path / "ray" / "stats.json").read_text())
+    assert is_complete(str(tmp_path / "ray"))
+    stats = read_stats(str(tmp_path / "ray"))
     assert stats["questions"] == sum(len(q) for q in _read(tmp_path / "ray")["question_positions"].to_pylist())
     # A different seed masks differently.
     other = run_mine(MineConfig(input=[str(one)], output=str(tmp_path / "seed"), seed=7, local=True))

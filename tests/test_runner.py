@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from runner_stages import Upper, WordRows
 
+from pipeline.output import is_complete
 from pipeline.runner import JobSpec, OutputExistsError, StageSpec, run
 from pipeline.sources import ReadOptions, expand_inputs, plan_shards
 
@@ -59,8 +60,8 @@ def test_local_run_accounts_for_every_row(tmp_path):
     kept_docs = len(set(table["doc_id"].to_pylist()))
     assert kept_docs + sum(stats["skipped"].values()) == stats["rows_in"]
     assert table["upper"].to_pylist() == [w.upper() for w in table["word"].to_pylist()]
-    assert (tmp_path / "out" / "_SUCCESS").is_file()
-    assert not (tmp_path / "out" / "_staging").exists()
+    assert is_complete(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "__splinter__" / "staging").exists()
 
 
 def test_ray_equals_local(tmp_path, ray_session):
@@ -96,11 +97,11 @@ def test_crash_then_resume_gives_the_uninterrupted_output(tmp_path, ray_session)
     # d30's words sit in a later shard of a.jsonl: earlier shards commit, then the job dies.
     with pytest.raises(Exception, match="injected failure"):
         run(_spec({"fail_on": "w30_", "fail_flag": str(flag)}), shards, str(out), engine="ray")
-    assert not (out / "_SUCCESS").exists()
+    assert not is_complete(str(out))
     committed = sorted(p.name for p in out.glob("shard-*.parquet"))
     assert len(committed) < len(shards)
     flag.unlink()
     stats = run(_spec({"fail_on": "w30_", "fail_flag": str(flag)}), shards, str(out), engine="ray", resume=True)
     assert stats["resumed_shards"] == len(committed)
     assert _read(out).equals(_read(clean))
-    assert (out / "_SUCCESS").is_file()
+    assert is_complete(str(out))

@@ -1,0 +1,184 @@
+"""Input formats: telling them apart, and the records of formats that must be parsed whole.
+
+`detect_format` decides from a file's name (compression suffixes aside) and, where the name does not
+settle it, from its first bytes: Parquet's magic, `<doc` (wikiextractor), and for JSON whether it holds
+one object per line (JSON Lines, however long the first line), one array of records, or one SQuAD
+document (one line or pretty-printed). When JSON cannot be told apart it stops with an error naming
+`--format` instead of guessing.
+
+SQuAD and JSON-array files are parsed once per process (`parsed`), keyed by their size and modification
+time, so the shards of one file that a worker reads do not each parse it again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline.config import ConfigError
+from pipeline.storage import open_input, read_bytes, read_head, strip_codec_suffix
+
+PARQUET_EXT = (".parquet", ".pq")
+JSONL_EXT = (".jsonl", ".ndjson")
+TEXT_EXT = (".txt", ".text", ".md")
+BLANK = b"\xef\xbb\xbf \t\r\n"
+_ATTR = re.compile(r'(\w+)="([^"]*)"')
+_CHUNK = 1 << 20
+
+
+def loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+
+
+def _is_squad(obj: Any) -> bool:
+    data = obj.get("data") if isinstance(obj, dict) else None
+    return isinstance(data, list) and all(isinstance(a, dict) and "paragraphs" in a for a in data[:5])
+
+
+def _first_line(path: str, size: int | None) -> tuple[bytes, bytes]:
+    """The first non-blank line (however long) and up to 64 KiB of what follows it."""
+    pieces: list[bytes] = []
+    with open_input(path, size) as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                return b"".join(pieces), b""
+            if not pieces:
+                chunk = chunk.lstrip(BLANK)
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                pieces.append(chunk[:nl])
+                return b"".join(pieces), chunk[nl + 1:] + f.read(64 << 10)
+            pieces.append(chunk)
+
+
+def _json_kind(path: str, size: int | None, version: str) -> str | None:
+    """jsonl, json (array) or squad for JSON content; None when it cannot be told."""
+    first, rest = _first_line(path, size)
+    if first.startswith(b"["):
+        return "json"
+    if not first.startswith(b"{"):
+        return None
+    obj = loads(first)
+    if isinstance(obj, dict):
+        if rest.strip(BLANK):
+            return "jsonl"
+        if _is_squad(obj):
+            _remember(path, version, "squad", obj)
+            return "squad"
+        return "jsonl"
+    # Not one object per line: one multi-line document (pretty-printed SQuAD), or JSON Lines whose
+    # first record is broken.
+    doc = loads(read_bytes(path))
+    if _is_squad(doc):
+        _remember(path, version, "squad", doc)
+        return "squad"
+    second = next((line for line in rest.split(b"\n") if line.strip(BLANK)), b"")
+    return "jsonl" if isinstance(loads(second), dict) else None
+
+
+def detect_format(path: str, size: int | None = None, version: str = "", head: bytes | None = None) -> str:
+    """The format of one file from its name (compression suffixes aside) and, where needed, its content."""
+    name = strip_codec_suffix(path)
+    if name.endswith(PARQUET_EXT):
+        return "parquet"
+    if head is None:
+        head = read_head(path, 4096, size)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if name.endswith(JSONL_EXT):
+        return "jsonl"
+    body = head.lstrip(BLANK)
+    if name.endswith(".json"):
+        kind = _json_kind(path, size, version)
+        if kind is None:
+            raise ConfigError(f"cannot tell the format of {path}: it is neither JSON Lines, a JSON array nor "
+                              "SQuAD JSON; pass --format (parquet, jsonl, json, squad, text, textblocks, "
+                              "wikiextractor)")
+        return kind
+    if body.startswith(b"<doc"):
+        return "wikiextractor"
+    if not name.endswith(TEXT_EXT) and body.startswith(b"{"):
+        # A file without a telling name that holds JSON records (e.g. Spark's part-00000).
+        return _json_kind(path, size, version) or "text"
+    return "text"
+
+
+# ---------------------------------------------------------------- parsed files (once per process)
+
+_PARSED: OrderedDict[tuple[str, str], list[tuple[int, dict[str, Any], str]]] = OrderedDict()
+_PARSED_KEEP = 2  # files kept parsed per process: shards of one file usually follow each other
+
+
+def _remember(path: str, version: str, fmt: str, doc: Any) -> list[tuple[int, dict[str, Any], str]]:
+    records = list(_squad_records(doc) if fmt == "squad" else _array_records(doc))
+    _PARSED[(path, version)] = records
+    _PARSED.move_to_end((path, version))
+    while len(_PARSED) > _PARSED_KEEP:
+        _PARSED.popitem(last=False)
+    return records
+
+
+def parsed(path: str, version: str, fmt: str) -> list[tuple[int, dict[str, Any], str]]:
+    """(position, record, read error) of every record of a SQuAD or JSON-array file."""
+    key = (path, version)
+    if key in _PARSED and version:
+        _PARSED.move_to_end(key)
+        return _PARSED[key]
+    raw = read_bytes(path)
+    try:
+        doc = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); fix it, or pass --format jsonl if it holds "
+                          "one record per line") from None
+    if fmt == "squad" and not isinstance(doc, dict):
+        raise ConfigError(f"{path} is not SQuAD JSON (no top-level object with a 'data' list); pass --format")
+    if fmt == "json" and not isinstance(doc, list):
+        raise ConfigError(f"{path} does not hold a JSON array of records; pass --format")
+    return _remember(path, version, fmt, doc)
+
+
+def _squad_records(doc: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """One record per question; a malformed article or paragraph becomes one error record, never nothing."""
+    n = 0
+    articles = doc.get("data")
+    for article in articles if isinstance(articles, list) else [None]:
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            yield n, {}, "malformed_squad"
+            n += 1
+            continue
+        for para in paragraphs:
+            qas = para.get("qas") if isinstance(para, dict) else None
+            if not isinstance(qas, list):
+                yield n, {}, "malformed_squad"
+                n += 1
+                continue
+            for qa in qas:
+                if not isinstance(qa, dict):
+                    yield n, {}, "malformed_squad"
+                else:
+                    yield n, {"id": qa.get("id"), "question": qa.get("question"), "context": para.get("context"),
+                              "title": article.get("title")}, ""
+                n += 1
+
+
+def _array_records(doc: list[Any]) -> Iterator[tuple[int, dict[str, Any], str]]:
+    for i, rec in enumerate(doc):
+        yield (i, rec, "") if isinstance(rec, dict) else (i, {}, "not_an_object")
+
+
+def wikiextractor_docs(raw: bytes) -> Iterator[tuple[dict[str, str], str]]:
+    text = raw.decode("utf-8", errors="replace")
+    for block in text.split("<doc")[1:]:
+        head, _, body = block.partition(">")
+        body = body.split("</doc>", 1)[0].strip("\n")
+        # The authors drop the first line of each doc: wikiextractor repeats the title there.
+        lines = body.split("\n")
+        yield dict(_ATTR.findall(head)), "\n".join(lines[1:])

@@ -1,0 +1,303 @@
+"""Unusual inputs a new user brings: every format, compressed or not, misnamed, broken, hidden, huge lines,
+lone surrogates. Both jobs run over them with Ray and with --local: 0 crashes, the same rows, and every
+input record accounted for (in the output or in a counted reason)."""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import DATA, ROOT
+
+from pipeline import formats
+from pipeline.config import ConfigError, ExtractConfig, MineConfig
+from pipeline.extract import run_extract
+from pipeline.mine import run_mine
+from pipeline.sources import ReadOptions, list_inputs, plan_shards, read_shard
+from pipeline.storage import glob_regex
+
+WIKI = ROOT / "data" / "wiki_sample.jsonl"
+CTX = "Splinter was introduced in 2021 by Ori Ram and colleagues at Tel Aviv University."
+
+
+def _docs(n: int, skip: int = 0) -> list[dict]:
+    with WIKI.open() as f:
+        lines = [next(f) for _ in range(skip + n)][skip:]
+    return [json.loads(line) for line in lines]
+
+
+def _zstd(data: bytes) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as f:
+        f.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+COMPRESS = {"": lambda b: b, ".gz": gzip.compress, ".bz2": bz2.compress, ".zst": _zstd}
+
+
+def _questions(n: int) -> list[dict]:
+    return [{"id": f"q{i}", "question": f"Who introduced Splinter {i}?", "context": CTX} for i in range(n)]
+
+
+def _squad(records: list[dict]) -> dict:
+    qas = [{"id": r["id"], "question": r["question"], "answers": [{"text": "Ori Ram", "answer_start": 35}]}
+           for r in records]
+    return {"version": "1.1", "data": [{"title": "Splinter", "paragraphs": [{"context": CTX, "qas": qas}]}]}
+
+
+def _encode(fmt: str, records: list[dict]) -> tuple[str, bytes]:
+    """(file name, content) of `records` written in `fmt`."""
+    if fmt == "jsonl":
+        return "rows.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode()
+    if fmt == "jsonl-in-.json":  # JSON Lines under a .json name, first line well over 4 KB
+        first = {**records[0], "context": CTX + " padding" * 1200}
+        return "rows.json", "".join(json.dumps(r) + "\n" for r in [first, *records[1:]]).encode()
+    if fmt == "json-array":
+        return "rows.json", json.dumps(records, indent=1).encode()
+    if fmt == "squad-one-line":
+        return "squad.json", json.dumps(_squad(records)).encode()
+    if fmt == "squad-pretty":
+        return "squad.json", json.dumps(_squad(records), indent=2).encode()
+    if fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(records), sink)
+        return "rows.parquet", sink.getvalue().to_pybytes()
+    raise ValueError(fmt)
+
+
+@pytest.mark.parametrize("codec", list(COMPRESS))
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl-in-.json", "json-array", "squad-one-line", "squad-pretty",
+                                 "parquet"])
+def test_question_formats_compressed_or_not_are_read_whole(tmp_path, fmt, codec):
+    records = _questions(150)
+    name, data = _encode(fmt, records)
+    path = tmp_path / (name + codec)
+    path.write_bytes(COMPRESS[codec](data))
+    entries = list_inputs([str(tmp_path)])
+    shards = plan_shards(entries, "auto", shard_rows=40, shard_bytes=4096)
+    expected = {"jsonl": "jsonl", "jsonl-in-.json": "jsonl", "json-array": "json", "squad-one-line": "squad",
+                "squad-pretty": "squad", "parquet": "parquet"}[fmt]
+    assert {s.format for s in shards} == {expected}
+    if not codec and expected != "parquet":
+        assert len(shards) > 1  # uncompressed files are cut into several shards
+    rows = [r for s in shards for r in read_shard(s, ReadOptions(kind="questions"))]
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert all(r["_error"] == "" and r["question"] and r["context"].startswith(CTX) for r in rows)
+
+
+@pytest.mark.parametrize("codec", list(COMPRESS))
+@pytest.mark.parametrize("fmt", ["text", "textblocks", "wikiextractor"])
+def test_document_formats_compressed_or_not(tmp_path, fmt, codec):
+    docs = _docs(5)
+    if fmt == "text":
+        for i, d in enumerate(docs):
+            (tmp_path / f"{i}.txt{codec}").write_bytes(COMPRESS[codec](d["text"].encode()))
+    elif fmt == "textblocks":
+        (tmp_path / f"corpus.txt{codec}").write_bytes(COMPRESS[codec]("\n\n".join(d["text"] for d in docs).encode()))
+    else:
+        body = "".join(f'<doc id="{i}" title="t">\nt\n{d["text"]}\n</doc>\n' for i, d in enumerate(docs))
+        (tmp_path / f"wiki_00{codec}").write_bytes(COMPRESS[codec](body.encode()))
+    shards = plan_shards(list_inputs([str(tmp_path)]), "textblocks" if fmt == "textblocks" else "auto", 100, 1 << 20)
+    assert {s.format for s in shards} == {fmt}
+    rows = [r for s in shards for r in read_shard(s, ReadOptions(kind="documents"))]
+    assert sorted(r["text"].strip() for r in rows) == sorted(d["text"].strip() for d in docs)
+
+
+def test_undecidable_json_stops_with_an_error_naming_the_format_flag(tmp_path):
+    (tmp_path / "notes.json").write_text('"just a string"\n')
+    with pytest.raises(ConfigError, match="--format"):
+        plan_shards(list_inputs([str(tmp_path)]), "auto", 100, 1 << 20)
+    (tmp_path / "notes.json").write_text('{"a": 1,\n "b": 2}\n')  # one pretty-printed object, not SQuAD
+    with pytest.raises(ConfigError, match="--format"):
+        plan_shards(list_inputs([str(tmp_path)]), "auto", 100, 1 << 20)
+    (tmp_path / "notes.json").write_text('{broken\n{"id": 1, "text": "fine"}\n')  # JSONL, first line broken
+    shards = plan_shards(list_inputs([str(tmp_path)]), "auto", 100, 1 << 20)
+    rows = [r for s in shards for r in read_shard(s, ReadOptions(kind="documents"))]
+    assert [r["_error"] for r in rows] == ["invalid_json", ""]
+
+
+def test_walks_skip_hidden_and_underscore_names_at_every_depth_and_never_read_the_output(tmp_path):
+    corpus = tmp_path / "corpus"
+    for rel in ("a.jsonl", "sub/b.jsonl", "sub/deeper/c.jsonl", ".hidden.jsonl", "sub/.cache/d.jsonl",
+                "sub/_stats/e.jsonl", "sub/deeper/_SUCCESS", "_tmp/f.jsonl", "out/shard-00000.parquet"):
+        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / rel).write_text('{"id": "x", "text": "y"}\n')
+    found = [Path(e.uri).relative_to(corpus).as_posix() for e in list_inputs([str(corpus)], exclude=str(corpus / "out"))]
+    assert found == ["a.jsonl", "sub/b.jsonl", "sub/deeper/c.jsonl"]
+
+
+def test_globs_stay_within_one_path_component(tmp_path):
+    for rel in ("a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deep/d.jsonl", ".e.jsonl", "_f.jsonl", "x/a.jsonl"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}\n")
+
+    def names(pattern: str) -> list[str]:
+        return [Path(e.uri).relative_to(tmp_path).as_posix() for e in list_inputs([str(tmp_path / pattern)])]
+
+    assert names("*.jsonl") == ["a.jsonl", "b.jsonl"]  # neither sub/ nor hidden/underscore names
+    assert names("*/*.jsonl") == ["sub/c.jsonl", "x/a.jsonl"]
+    assert names("**/*.jsonl") == ["a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deep/d.jsonl", "x/a.jsonl"]
+    assert names("[ab].jsonl") == ["a.jsonl", "b.jsonl"]
+    assert names("?.jsonl") == ["a.jsonl", "b.jsonl"]
+    # Python's glob agrees wherever it has no opinion on `_` names.
+    for pattern in ("*.jsonl", "*/*.jsonl", "**/*.jsonl", "?.jsonl"):
+        ours = sorted(names(pattern))
+        theirs = sorted(Path(p).relative_to(tmp_path).as_posix()
+                        for p in glob.glob(str(tmp_path / pattern), recursive=True) if "/_" not in "/" + p)
+        assert ours == [p for p in theirs if not Path(p).name.startswith("_")], pattern
+    assert glob_regex("s3://b/*.jsonl").fullmatch("s3://b/x.jsonl")
+    assert not glob_regex("s3://b/*.jsonl").fullmatch("s3://b/d/x.jsonl")
+
+
+def test_parquet_is_cut_inside_row_groups_and_checked_at_planning(tmp_path):
+    docs = _docs(300)
+    pq.write_table(pa.Table.from_pylist(docs), tmp_path / "one-group.parquet", row_group_size=10_000)
+    shards = plan_shards(list_inputs([str(tmp_path)]), "auto", 5000, 4 << 20, {"text": "--text-column"})
+    assert len(shards) > 2  # one row group, still several shards (at most 5,000 rows, at least 64 each)
+    rows = [r for s in shards for r in read_shard(s, ReadOptions(kind="documents"))]
+    assert [r["doc_id"] for r in rows] == [d["id"] for d in docs]
+    with pytest.raises(ConfigError, match="no column 'body'.*--text-column"):
+        plan_shards(list_inputs([str(tmp_path)]), "auto", 5000, 4 << 20, {"body": "--text-column"})
+    # Other writers may store invalid UTF-8 in a string column: that row is an error, not a crash.
+    raw = pa.array([b"ok text", b"caf\xe9 bad", None], pa.binary())
+    bad = pa.Table.from_arrays([raw.view(pa.string()), pa.array(["1", "2", "3"])], names=["text", "id"])
+    pq.write_table(bad, tmp_path / "one-group.parquet")
+    shards = plan_shards(list_inputs([str(tmp_path)]), "parquet", 5000, 4 << 20, {"text": "--text-column"})
+    rows = [r for s in shards for r in read_shard(s, ReadOptions(kind="documents"))]
+    assert [r["_error"] for r in rows] == ["", "invalid_unicode", ""]
+
+
+def test_jsonl_byte_ranges_cover_every_line_exactly_once(tmp_path):
+    rng = random.Random(0)
+    lines = []
+    for i in range(400):
+        size = rng.choice([0, 1, 30, 500, 70_000]) if i != 123 else 1_300_000  # one line spans chunks
+        lines.append(json.dumps({"id": f"d{i}", "text": "x" * size}))
+    data = "\n".join(lines).replace('"d7"', '"d7"\r')  # a CRLF line, and no newline at the end
+    path = tmp_path / "c.jsonl"
+    path.write_text(data)
+    for shard_bytes in (1024, 65_536, 1 << 20, 64 << 20):
+        shards = plan_shards(list_inputs([str(path)]), "auto", 5000, shard_bytes)
+        rows = [r for s in shards for r in read_shard(s, ReadOptions(kind="documents"))]
+        assert [r["doc_id"] for r in rows] == [f"d{i}" for i in range(400)], shard_bytes
+        assert all(r["_error"] == "" for r in rows)
+
+
+def test_squad_file_is_parsed_once_per_process(tmp_path, monkeypatch):
+    path = tmp_path / "squad.json"
+    path.write_bytes((DATA / "squad_sample.json").read_bytes())
+    reads: list[str] = []
+    real = formats.read_bytes
+    monkeypatch.setattr(formats, "read_bytes", lambda p: reads.append(p) or real(p))
+    shards = plan_shards(list_inputs([str(path)]), "auto", 64, 1 << 20)
+    assert len(shards) > 2
+    rows = [r for s in shards for r in read_shard(s, ReadOptions(kind="questions"))]
+    assert len(reads) == 1  # planning parsed it; every shard reuses that parse
+    assert len(rows) == sum(len(p["qas"]) for a in json.loads(path.read_text())["data"] for p in a["paragraphs"])
+    path.write_bytes(path.read_bytes().replace(b'"version"', b'"Version"'))  # changed (size kept): parsed again
+    os.utime(path, ns=(1, 1))
+    plan_shards(list_inputs([str(path)]), "auto", 64, 1 << 20)
+    assert len(reads) == 2
+
+
+def test_readme_mining_example_spreads_over_two_workers():
+    shards = plan_shards(list_inputs([str(WIKI)]), "auto", MineConfig.shard_rows, MineConfig.shard_bytes)
+    assert len(shards) >= 4  # the 1.1 MB sample is several shards with the default settings
+
+
+# ---------------------------------------------------------------- both jobs, Ray == local
+
+SURROGATE_LINES = [
+    r'{"id": "bad-text", "text": "Paris is the capital of France. Paris \ud800 is large."}',
+    r'{"id": "bad\udfffid", "text": "Rome is the capital of Italy. Rome is old."}',
+]
+
+
+def _mining_corpus(root: Path) -> int:
+    """A directory of everything unusual; returns how many records it holds (what must be accounted for)."""
+    docs = _docs(90, skip=100)
+    (root / "sub" / ".git").mkdir(parents=True)
+    (root / "sub" / "_stats").mkdir()
+    (root / "sub" / ".git" / "x.jsonl").write_text(json.dumps(docs[0]) + "\n")  # skipped: hidden
+    (root / "sub" / "_stats" / "y.json").write_text("{}")  # skipped: metadata name
+    lines = [json.dumps(d) for d in docs[:10]] + SURROGATE_LINES + ["{oops", "[1, 2]"]
+    (root / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    long_first = {**docs[10], "text": docs[10]["text"] + " More." * 1500}
+    (root / "lines.json").write_text("\n".join(json.dumps(d) for d in [long_first, *docs[11:20]]) + "\n")
+    (root / "array.json").write_text(json.dumps(docs[20:30]))
+    (root / "sub" / "packed.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(d) + "\n" for d in docs[30:40]).encode()))
+    (root / "sub" / "misnamed.jsonl").write_bytes(bz2.compress("".join(json.dumps(d) + "\n" for d in docs[40:45]).encode()))
+    (root / "sub" / "doc.txt.zst").write_bytes(_zstd(docs[45]["text"].encode()))
+    wiki = "".join(f'<doc id="w{i}" title="t">\nt\n{d["text"]}\n</doc>\n' for i, d in enumerate(docs[46:50]))
+    (root / "sub" / "wiki_00.bz2").write_bytes(bz2.compress(wiki.encode()))
+    pq.write_table(pa.Table.from_pylist(docs[50:90]), root / "one-group.parquet", row_group_size=1000)
+    return 10 + len(SURROGATE_LINES) + 2 + 10 + 10 + 10 + 5 + 1 + 4 + 40
+
+
+def _rows(out: Path) -> list[dict]:
+    tables = [pq.read_table(f) for f in sorted(out.glob("shard-*.parquet"))]
+    return pa.concat_tables(tables).to_pylist()
+
+
+def test_mining_fuzz_ray_equals_local(tmp_path, ray_session):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    records = _mining_corpus(corpus)
+    common = dict(input=[str(corpus)], max_seq_length=128, shard_rows=64, shard_bytes=64 << 10)
+    local = run_mine(MineConfig(output=str(tmp_path / "local"), local=True, **common))
+    ray_stats = run_mine(MineConfig(output=str(tmp_path / "ray"), num_workers=2, **common))
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+    for stats in (local, ray_stats):
+        assert stats["rows_in"] == records
+        assert stats["documents_used"] + sum(stats["skipped"].values()) == records
+        assert stats["skipped"]["invalid_unicode"] == 2
+        assert stats["skipped"]["invalid_json"] == 1 and stats["skipped"]["not_an_object"] == 1
+    assert ray_stats["shards"] >= 6
+    used = {r["doc_id"] for r in _rows(tmp_path / "ray")}
+    assert "bad-text" not in used and not any("\ufffd" in d for d in used)
+
+
+def _qa_corpus(root: Path) -> int:
+    qs = _questions(24)
+    lines = [json.dumps(q) for q in qs[:6]] + [
+        r'{"id": "bad\ud800id", "question": "Who?", "context": "Ori Ram wrote it."}',
+        r'{"id": "bad-question", "question": "Who \udc00?", "context": "Ori Ram wrote it."}',
+        r'{"id": "bad-context", "question": "Who?", "context": "Ori \ud83d Ram wrote it."}',
+        r'{"id": "bad-list", "question": ["Who?", "When \ud800?"], "context": "Ori Ram wrote it in 2021."}',
+        "not json at all",
+    ]
+    (root / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "array.json").write_text(json.dumps(qs[6:10]))
+    (root / "squad.json.gz").write_bytes(gzip.compress(json.dumps(_squad(qs[10:16]), indent=2).encode()))
+    (root / "rows.jsonl.zst").write_bytes(_zstd("".join(json.dumps(q) + "\n" for q in qs[16:20]).encode()))
+    pq.write_table(pa.Table.from_pylist(qs[20:24]), root / "rows.parquet")
+    (root / ".DS_Store").write_bytes(b"\x00\x01junk")
+    return 6 + 3 + 2 + 1 + 4 + 6 + 4 + 4  # bad-list is two question rows
+
+
+def test_extract_fuzz_ray_equals_local(tmp_path, tiny_qa_model, ray_session):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows_expected = _qa_corpus(corpus)
+    common = dict(input=[str(corpus)], model=str(tiny_qa_model), shard_rows=4, batch_size=8)
+    local = run_extract(ExtractConfig(output=str(tmp_path / "local"), local=True, **common))
+    ray_stats = run_extract(ExtractConfig(output=str(tmp_path / "ray"), **common))
+    ray_rows, local_rows = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
+    assert [(r["id"], r["answer"], r["error"]) for r in ray_rows] == [
+        (r["id"], r["answer"], r["error"]) for r in local_rows]
+    assert local["rows_in"] == local["rows_out"] == ray_stats["rows_in"] == ray_stats["rows_out"] == rows_expected
+    by_id = {r["id"]: r for r in ray_rows}
+    for rid in ("bad\ufffdid", "bad-question", "bad-context", "bad-list#1"):
+        assert by_id[rid]["error"] == "invalid_unicode" and by_id[rid]["answer"] is None
+    assert by_id["bad-list#0"]["answer"] and by_id["bad-list#0"]["error"] is None
+    assert ray_stats["errors"] == {"invalid_unicode": 4, "invalid_json": 1}
+    assert ray_stats["answered"] == rows_expected - 5
