@@ -36,7 +36,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.progress import NullProgress, Progress
 from splinter.qa_data import QAExample, build_training_windows
-from splinter.train import FinetuneConfig, FinetuneResult, total_steps, train_on_windows
+from splinter.train import FinetuneConfig, FinetuneResult, resolve_device, total_steps, train_on_windows
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,10 @@ class FinetuneJob:
             self.training.validate()
         except ValueError as exc:
             raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
+        try:
+            resolve_device(self.training.device)
+        except ValueError as exc:
+            raise ConfigError(f"--device: {exc}") from None
 
 
 def check_output(output: str, overwrite: bool) -> bool:
@@ -388,7 +392,7 @@ def format_finetune_summary(stats: dict[str, Any]) -> str:
         "answer: labelled [CLS])",
         f"{'padding waste':<28}{pad.get('grouped', 0):>12.1%}   (random batches {pad.get('random', 0):.1%}, "
         f"padded to max length {pad.get('fixed', 0):.1%})",
-        f"{'steps':<28}{stats['steps']:>12,}   ({stats['epochs']:g} epochs)",
+        f"{'steps':<28}{stats['steps']:>12,}   ({stats['epochs']:.2f} epochs)",
         f"{'final loss':<28}{stats['final_loss']:>12.4f}   (mean of the last 10 steps)",
         f"{'QASS head':<28}{stats['qass_head']:>12}",
         f"{'device':<28}{stats['device']:>12}",
