@@ -227,7 +227,141 @@ def from_bert(
         written = bert_to_splinter(bert_dir, output, do_lower_case=lowercase)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(f"wrote {written} (the QASS head is untrained: fine-tune it before extracting answers)")
+    typer.echo(f"wrote {written} (the QASS head is untrained: `splinter finetune` it before extracting answers)")
+
+
+# Training options shared by `finetune` and `fewshot`; None keeps the authors' default (FinetuneConfig).
+ExamplesOpt = Annotated[int | None, typer.Option("--examples", help="Train on K sampled questions (default: all usable rows).")]
+SampleSeedOpt = Annotated[int, typer.Option("--sample-seed", help="Seed of the sample: the first K usable rows of numpy default_rng(S).permutation.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Training seed: dropout, batch order, QASS re-init (default 42).")]
+MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Exactly N optimizer steps (overrides --epochs/--min-steps).")]
+EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Passes over the training windows (default 10).")]
+MinStepsOpt = Annotated[int | None, typer.Option("--min-steps", help="At least N optimizer steps (default 200).")]
+LrOpt = Annotated[float | None, typer.Option("--learning-rate", "--lr", help="Peak AdamW learning rate (default 3e-5).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Windows per forward pass (default 12).")]
+AccumOpt = Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step (default 1).")]
+WarmupOpt = Annotated[float | None, typer.Option("--warmup-ratio", help="Share of steps with linear warmup (default 0.1).")]
+MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Tokens per window (default 384).")]
+StrideOpt = Annotated[int | None, typer.Option("--stride", help="Overlap between windows, in tokens (default 128).")]
+QueryLenOpt = Annotated[int | None, typer.Option("--max-query-length", help="Question tokens kept (default 64).")]
+ReinitOpt = Annotated[bool, typer.Option("--reinit-qass", help="Re-initialise the QASS head (the authors' default) instead of keeping the checkpoint's.")]
+NoGroupOpt = Annotated[bool, typer.Option("--no-length-grouping", help="Plain shuffled batches instead of length-grouped ones.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA with bf16 autocast when present), cpu or cuda.")]
+TrainFormatOpt = Annotated[str, typer.Option("--format", help="Training data format: auto, squad, parquet, jsonl, disk (save_to_disk).")]
+
+
+def _finetune_config(**flags: Any) -> Any:
+    from splinter.train import FinetuneConfig
+
+    flags["length_grouping"] = not flags.pop("no_length_grouping")
+    return FinetuneConfig(**{k: v for k, v in flags.items() if v is not None})
+
+
+@app.command()
+def finetune(
+    train: Annotated[str, typer.Argument(help="Training data: SQuAD JSON, Parquet/JSONL in the SQuAD/datasets schema, or a save_to_disk directory.")],
+    output: Annotated[str, typer.Argument(help="Directory for the fine-tuned checkpoint (+ training_args.json, trainer_log.jsonl).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Splinter checkpoint directory to start from (e.g. from `splinter from-bert`).")],
+    examples: ExamplesOpt = None,
+    sample_seed: SampleSeedOpt = 42,
+    seed: SeedOpt = None,
+    max_steps: MaxStepsOpt = None,
+    epochs: EpochsOpt = None,
+    min_steps: MinStepsOpt = None,
+    learning_rate: LrOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None,
+    warmup_ratio: WarmupOpt = None,
+    max_length: MaxLenOpt = None,
+    stride: StrideOpt = None,
+    max_query_length: QueryLenOpt = None,
+    reinit_qass: ReinitOpt = False,
+    no_length_grouping: NoGroupOpt = False,
+    device: DeviceOpt = "auto",
+    input_format: TrainFormatOpt = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
+    overwrite: OverwriteOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a Splinter QA model (the paper's few-shot recipe by default) and write a checkpoint."""
+    from pipeline.config import ConfigError
+    from pipeline.finetune import FinetuneJob, format_finetune_summary, run_finetune
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    training = _finetune_config(
+        seed=seed, max_steps=max_steps, epochs=epochs, min_steps=min_steps, learning_rate=learning_rate,
+        batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio, max_length=max_length,
+        stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
+        no_length_grouping=no_length_grouping)
+    job = FinetuneJob(train=train, output=output, model=model, examples=examples, sample_seed=sample_seed,
+                      input_format=input_format, overwrite=bool(overwrite), num_threads=threads, training=training)
+    try:
+        stats = run_finetune(job, progress=_progress(quiet))
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(format_finetune_summary(stats))
+
+
+def _int_list(value: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{flag} takes comma-separated integers, e.g. 16,128,1024; got {value!r}")
+        raise  # unreachable: _fail exits
+
+
+@app.command()
+def fewshot(
+    train: Annotated[str, typer.Argument(help="Training data to sample from (formats as for `finetune`).")],
+    dev: Annotated[str, typer.Argument(help="Evaluation data with gold answers (SQuAD JSON, Parquet/JSONL, save_to_disk).")],
+    output: Annotated[str, typer.Argument(help="Directory for results.parquet and one folder per run.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Splinter checkpoint directory every run starts from.")],
+    examples: Annotated[str, typer.Option("--examples", help="Training set sizes K, comma-separated.")] = "16,128,1024",
+    seeds: Annotated[str, typer.Option("--seeds", help="Sampling seeds, comma-separated (each also seeds its run's training unless --seed is given).")] = "42,43,44,45,46",
+    seed: Annotated[int | None, typer.Option("--seed", help="One training seed for every run (default: the run's sampling seed).")] = None,
+    max_steps: MaxStepsOpt = None,
+    epochs: EpochsOpt = None,
+    min_steps: MinStepsOpt = None,
+    learning_rate: LrOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None,
+    warmup_ratio: WarmupOpt = None,
+    max_length: MaxLenOpt = None,
+    stride: StrideOpt = None,
+    max_query_length: QueryLenOpt = None,
+    reinit_qass: ReinitOpt = False,
+    no_length_grouping: NoGroupOpt = False,
+    device: DeviceOpt = "auto",
+    eval_examples: Annotated[int | None, typer.Option("--eval-examples", help="Score on a fixed sample of N DEV questions (default: all).")] = None,
+    max_answer_length: Annotated[int, typer.Option("--max-answer-length", help="Longest answer, in tokens (the authors used 10).")] = 30,
+    cpus_per_run: Annotated[int, typer.Option("--cpus-per-run", help="CPU slots (and torch threads) per run when there is no GPU.")] = 1,
+    input_format: TrainFormatOpt = "auto",
+    overwrite: OverwriteOpt = None,
+    address: AddressOpt = None,
+    num_cpus: CpusOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The paper's few-shot grid: for every (K, seed) sample, fine-tune, answer DEV, score; runs are Ray tasks."""
+    from pipeline.config import ConfigError
+    from pipeline.fewshot import FewshotJob, format_fewshot_summary, run_fewshot
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    training = _finetune_config(
+        max_steps=max_steps, epochs=epochs, min_steps=min_steps, learning_rate=learning_rate,
+        batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio, max_length=max_length,
+        stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
+        no_length_grouping=no_length_grouping)
+    job = FewshotJob(train=train, dev=dev, output=output, model=model, examples=_int_list(examples, "--examples"),
+                     seeds=_int_list(seeds, "--seeds"), training=training, train_seed=seed,
+                     eval_examples=eval_examples, max_answer_length=max_answer_length, input_format=input_format,
+                     cpus_per_run=cpus_per_run, overwrite=bool(overwrite), address=address, num_cpus=num_cpus)
+    try:
+        stats = run_fewshot(job, progress=_progress(quiet))
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(format_fewshot_summary(stats))
+    if stats["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command(

@@ -81,11 +81,27 @@ def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict[st
     stats = run_config(cfg, lambda: extract_spec(cfg, *_cluster_resources()), progress)
     answered = stats.get("answered", 0)
     stats["mean_score"] = round(stats.pop("score_sum", 0.0) / answered, 4) if answered else None
+    warning = _untrained_head_warning(cfg.model)
+    if warning:
+        stats["warning"] = warning
     return stats
 
 
+def _untrained_head_warning(model: str) -> str | None:
+    """The driver's one look at the checkpoint's QASS head history (headers only); never fails the job."""
+    from splinter.checkpoint import untrained_qass_warning
+
+    if "://" in model:
+        return None
+    try:
+        return untrained_qass_warning(model)
+    except (OSError, ValueError):
+        return None
+
+
 def format_extract_summary(stats: dict[str, Any]) -> str:
-    lines = [
+    lines = [f"WARNING: {stats['warning']}"] if stats.get("warning") else []
+    lines += [
         f"{'questions in':<28}{stats.get('rows_in', 0):>12,}",
         f"{'rows out':<28}{stats.get('rows_out', 0):>12,}",
         f"{'answered':<28}{stats.get('answered', 0):>12,}",

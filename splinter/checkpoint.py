@@ -37,6 +37,11 @@ TORCH_BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 VOCAB_NAME = "vocab.txt"
 QUESTION_TOKEN = "[QUESTION]"
 
+# The QASS head's history, in model.safetensors' metadata (transformers ignores it, and a transformers
+# save, e.g. after fine-tuning there, drops it): "untrained" from `from-bert`, "trained" from `finetune`.
+QASS_STATE_KEY = "splinter_qass_head"
+QASS_STATES = ("trained", "untrained")
+
 ENCODER_PREFIX = "splinter."
 QASS_PREFIX = "splinter_qass."
 # transformers registers `position_ids` as a non-persistent buffer; old .bin files still carry it.
@@ -398,7 +403,7 @@ def bert_to_splinter(bert_dir: str | Path, output: str | Path, do_lower_case: bo
     finally:
         logger.setLevel(level)
     model.config.question_token_id = tokenizer.question_token_id
-    return save_pretrained(model, output, tokenizer=tokenizer)
+    return save_pretrained(model, output, tokenizer=tokenizer, qass_state="untrained")
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -427,16 +432,27 @@ def to_checkpoint_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write model.safetensors + config.json (+ tokenizer files) loadable by transformers and by us."""
+def save_pretrained(
+    model: nn.Module, directory: str | Path, tokenizer: Any = None, qass_state: str | None = None
+) -> Path:
+    """Write model.safetensors + config.json (+ tokenizer files) loadable by transformers and by us.
+
+    `qass_state` ("trained" / "untrained") is recorded in the weights file's metadata for
+    `qass_head_state`; None records nothing (a head of unknown history).
+    """
     from safetensors.torch import save_file
 
+    if qass_state not in (None, *QASS_STATES):
+        raise ValueError(f"qass_state must be one of {QASS_STATES} or None, got {qass_state!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: SplinterConfig = model.config  # type: ignore[assignment]
     tensors = to_checkpoint_state_dict(model)
     # transformers refuses safetensors files whose metadata lacks format=pt.
-    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if qass_state is not None and getattr(model, "has_qass", False):
+        metadata[QASS_STATE_KEY] = qass_state
+    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata=metadata)
     dtype = next(iter(tensors.values())).dtype
     extra = {**config.extra, "torch_dtype": str(dtype).removeprefix("torch.")}
     saved = dataclasses.replace(config, architectures=[type(model).__name__], extra=extra)
@@ -444,3 +460,63 @@ def save_pretrained(model: nn.Module, directory: str | Path, tokenizer: Any = No
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+# ------------------------------------------------------------------------------------- QASS head history
+def qass_head_state(directory: str | Path) -> str:
+    """Whether a checkpoint directory's QASS head was trained, from config.json and weight headers only.
+
+    Returns "trained" or "untrained" as recorded by `save_pretrained(qass_state=...)`, "missing" when the
+    weights hold no `splinter_qass.*` tensors (a tau/splinter-base-style or bare-encoder checkpoint: the
+    head would be random), or "unknown" (a head of unrecorded history, e.g. a hub -qass checkpoint or one
+    saved by transformers). Reads no tensor data: safetensors headers, index files, or a memory-mapped
+    .bin's keys.
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    SplinterConfig.from_pretrained(directory)  # a clear error when this is no Splinter checkpoint
+    metadata: dict[str, str] = {}
+    keys: list[str]
+    if (directory / SAFETENSORS_NAME).is_file():
+        with safe_open(str(directory / SAFETENSORS_NAME), framework="pt") as f:
+            keys, metadata = list(f.keys()), f.metadata() or {}
+    elif (directory / SAFETENSORS_INDEX_NAME).is_file() or (directory / TORCH_BIN_INDEX_NAME).is_file():
+        index = directory / (
+            SAFETENSORS_INDEX_NAME if (directory / SAFETENSORS_INDEX_NAME).is_file() else TORCH_BIN_INDEX_NAME
+        )
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        keys = list(weight_map)
+        shards = sorted(set(weight_map.values()))
+        if shards and shards[0].endswith(".safetensors") and (directory / shards[0]).is_file():
+            with safe_open(str(directory / shards[0]), framework="pt") as f:
+                metadata = f.metadata() or {}
+    elif (directory / TORCH_BIN_NAME).is_file():
+        path = str(directory / TORCH_BIN_NAME)
+        try:  # memory-mapped: only the keys are touched
+            keys = list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except RuntimeError:  # a legacy (pre-zip) .bin cannot be mapped
+            keys = list(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        read_state_dict(directory)  # raises the usual "no weights" error
+        return "unknown"  # pragma: no cover - read_state_dict found nothing above, so it raised
+    if not any(k.startswith(QASS_PREFIX) for k in keys):
+        return "missing"
+    state = metadata.get(QASS_STATE_KEY)
+    return state if state in QASS_STATES else "unknown"
+
+
+def untrained_qass_warning(directory: str | Path) -> str | None:
+    """A one-line warning when a checkpoint's QASS head was never trained, else None."""
+    state = qass_head_state(directory)
+    if state == "untrained":
+        return (
+            f"the QASS head of {directory} is untrained (written by `splinter from-bert`): its answers are "
+            "meaningless; fine-tune it first (`splinter finetune TRAIN OUT --model DIR`)"
+        )
+    if state == "missing":
+        return (
+            f"{directory} has no QASS head weights (splinter_qass.*), so the head is random: its answers are "
+            "meaningless; use a -qass checkpoint or fine-tune it first (`splinter finetune TRAIN OUT --model DIR`)"
+        )
+    return None
