@@ -131,15 +131,17 @@ def run_raw_forward(
 
 
 def run_hf_pipeline(
-    ckpt: Path, rows: list[dict[str, Any]], threads: int, batch_size: int
+    ckpt: Path, rows: list[dict[str, Any]], threads: int, batch_size: int, device: str = "cpu"
 ) -> tuple[float, list]:
     import transformers
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(threads)
-    model = transformers.SplinterForQuestionAnswering.from_pretrained(str(ckpt)).eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # its best on a GPU, as ours
+    model = transformers.SplinterForQuestionAnswering.from_pretrained(str(ckpt), torch_dtype=dtype).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt))
-    qa = transformers.pipeline("question-answering", model=model, tokenizer=tokenizer, device=-1)
+    qa = transformers.pipeline("question-answering", model=model, tokenizer=tokenizer,
+                               device=0 if device == "cuda" else -1)
     kwargs = dict(
         max_seq_len=MAX_LENGTH,
         doc_stride=STRIDE,
@@ -182,7 +184,8 @@ class _Timeline:
 
 
 def run_ours_job(
-    ckpt: Path, rows: list[dict[str, Any]], threads: int, work: Path, quantize: str | None = None
+    ckpt: Path, rows: list[dict[str, Any]], threads: int, work: Path, quantize: str | None = None,
+    device: str = "cpu",
 ) -> tuple[float, dict, dict]:
     import pyarrow.parquet as pq
 
@@ -206,6 +209,7 @@ def run_ours_job(
         max_query_length=MAX_QUERY,
         max_answer_length=MAX_ANSWER,
         quantize=quantize,
+        device=device,
     )
     init_ray(None, threads)  # cluster start-up is a one-off, not part of a job: untimed
     if not (work / "warm").exists():
@@ -268,7 +272,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray jobs")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 Ray job")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16) for the GPU check")
     args = parser.parse_args(argv)
     n = args.questions or (256 if args.quick else 2000)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,16,64")).split(",")]
