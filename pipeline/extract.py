@@ -115,6 +115,9 @@ def plan_model(cfg: ExtractConfig, cluster: ClusterView) -> ModelPlan:
                         max_actors=pool[1])
         note = (f"model on GPU: {_pool_text(pool)} x {per_actor:g} GPU, {cpus:g} CPU each "
                 f"(the cluster has {cluster.gpus:g} GPUs now)")
+        if cluster.gpus < per_actor:
+            # Not an error on a cluster that can grow: the pending actors are what makes it add GPUs.
+            log.warning("no GPU free in the cluster yet: the model actors wait for GPU workers to join (%s)", note)
         return ModelPlan("cuda", res, max(1, math.ceil(cpus)), note)
 
     pool = pool or (1, 1)

@@ -46,6 +46,8 @@ from pipeline.stats import merge_stats
 
 __all__ = ["JobSpec", "OutputExistsError", "StageSpec", "init_ray", "run", "run_config"]
 
+log = logging.getLogger(__name__)
+
 
 class _Tracker:
     """Adds up receipts per shard, commits each shard the moment it is complete, reports progress."""
@@ -214,6 +216,7 @@ class _Monitor:
         self.lock = threading.Lock()
         self.rows = 0
         self.labels: set[str] = set()
+        self.first_ready: float | None = None  # wall clock when the first actor finished building
 
     def commit(self, output: str, shard: int, schema: pa.Schema, stats: dict[str, Any]) -> int:
         commit_shard(output, shard, schema, stats)
@@ -223,19 +226,26 @@ class _Monitor:
         with self.lock:
             self.rows += rows
             self.labels.add(label)
+            self.first_ready = self.first_ready or time.time()
 
     def counts(self) -> tuple[int, list[str]]:
         with self.lock:
             return self.rows, sorted(self.labels)
+
+    def ready_at(self) -> float | None:
+        return self.first_ready
 
 
 def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress, already_done: int = 0,
             stage_overrides: dict[int, Resources] | None = None) -> dict[str, Any]:
     """Stream shards through Ray Data: read tasks -> stage tasks/actor pools -> part writers.
 
-    Returns what the job's actors reported about themselves (`models`: e.g. "cuda:0 bf16").
+    Returns what the job's actors reported about themselves (`models`: e.g. "cuda:0 bfloat16") and
+    `model_ready_s`, how long after the start the first one was built (its start-up cost).
     """
     import ray
+
+    started = time.time()
 
     ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in shards],
                              override_num_blocks=max(1, len(shards)))
@@ -319,16 +329,22 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             if pending:
                 ready, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0)
                 ray.get(ready)  # surface commit failures early
-    finally:
         stop.set()
         ticker.join()
-    tracker.finish()
-    ray.get(pending)
-    if has_actors:
-        rows, labels[:] = ray.get(monitor.counts.remote())
-        tracker.report(rows)
-    ray.kill(monitor)
-    return {"models": labels} if labels else {}
+        tracker.finish()
+        ray.get(pending)
+        if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator, for whoever asks
+            log.debug("Ray Data stats of the %s job:\n%s", spec.name, ds.stats())
+        extra: dict[str, Any] = {}
+        if has_actors:
+            rows, labels[:] = ray.get(monitor.counts.remote())
+            tracker.report(rows)
+            ready = ray.get(monitor.ready_at.remote())
+            extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None}
+    finally:
+        stop.set()
+        ray.kill(monitor)
+    return extra
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

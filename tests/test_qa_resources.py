@@ -114,3 +114,23 @@ def test_model_read_through_a_uri_equals_the_local_read(tiny_qa_model, tmp_path)
         read_checkpoint(f"file://{tmp_path}")
     with pytest.raises(ConfigError, match="--model .*directory not found"):
         read_checkpoint(str(tmp_path / "missing"))
+
+
+def test_cli_refuses_bad_resource_flags_in_one_line(tiny_qa_model, tmp_path) -> None:
+    import torch
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    base = ["extract", str(SQUAD), str(tmp_path / "out"), "--model", str(tiny_qa_model), "--local", "-q"]
+    cases = [(["--num-actors", "3,1"], "--num-actors must be"), (["--quantize", "int4"], "--quantize must be"),
+             (["--model", f"file://{tmp_path}"], "no config.json")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "asks for GPUs but this machine has none"))
+    for flags, message in cases:
+        result = runner.invoke(app, base + flags)
+        assert result.exit_code == 2, (flags, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], (flags, result.output)
+    assert not (tmp_path / "out").exists()  # nothing written for a refused job

@@ -25,6 +25,9 @@ QAPostprocess in : the above
 Token -> character mapping happens inside QAModel, where the offsets are at hand, so the heavy
 token columns (ids, types, offsets) are dropped there and only a few scalars per question move to
 the postprocess stage, which turns character spans into text and the final schema.
+
+One file over ~500 lines on purpose: the three stages share the column layout described above, and
+reading them side by side is how that layout stays consistent.
 """
 
 from __future__ import annotations
