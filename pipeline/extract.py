@@ -100,10 +100,14 @@ def plan_model(cfg: ExtractConfig, cluster: ClusterView) -> ModelPlan:
     if wants_gpu:
         per_actor = cfg.gpus_per_actor or 1.0
         known_max = cluster.max_gpus if cluster.max_gpus is not None else (cluster.gpus if cluster.fixed else None)
+        flag = f"--gpus-per-actor {per_actor:g}" if cfg.gpus_per_actor else f"--device {cfg.device}"
         if cluster.gpus == 0 and known_max == 0:
             where = "this machine has" if cluster.fixed else "the cluster has no GPU now and its autoscaling config adds"
-            raise ConfigError(f"--device {cfg.device} asks for GPUs but {where} none; use --device cpu "
+            raise ConfigError(f"{flag} asks for GPUs but {where} none; use --device cpu "
                               "(or attach to a cluster with GPU workers: --address / RAY_ADDRESS)")
+        if cluster.fixed and per_actor > cluster.gpus:
+            raise ConfigError(f"{flag} asks for more GPUs per actor than this machine's {cluster.gpus:g}: "
+                              "the actor could never start")
         if pool is None:
             now = max(1, math.floor(cluster.gpus / per_actor))
             ceiling = now

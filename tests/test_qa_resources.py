@@ -66,6 +66,8 @@ def test_impossible_or_contradictory_resources_fail_in_one_line() -> None:
     laptop = ClusterView(cpus=2, gpus=0, node_cpus=2)
     with pytest.raises(ConfigError, match="asks for GPUs but this machine has none"):
         plan_model(_cfg(device="cuda"), laptop)
+    with pytest.raises(ConfigError, match="more GPUs per actor than this machine's 1"):
+        plan_model(_cfg(gpus_per_actor=2), ClusterView(cpus=8, gpus=1, node_cpus=8))
     with pytest.raises(ConfigError, match="more than this machine's 2 CPUs"):
         plan_model(_cfg(cpus_per_actor=3), laptop)
     for bad in ("0", "3,1", "two", "1,2,3"):
