@@ -190,7 +190,6 @@ def test_workers_never_read_the_model_path(tmp_path, tiny_qa_model, ray_session)
     from pipeline.extract import ClusterView, extract_spec
     from pipeline.runner import run
     from pipeline.sources import expand_inputs, plan_shards
-
     from splinter.squad import load_squad
 
     questions = tmp_path / "q.jsonl"
