@@ -158,6 +158,10 @@ def extract_spec(cfg: ExtractConfig, cluster: ClusterView, model: ShippedModel |
     # the forward's work, and a bigger reservation would take cores from the actors). Feeding GPUs, the
     # tokenizers are the CPU-side bottleneck: a full core each.
     light = 1.0 if plan.device == "cuda" else 0.25
+    if plan.resources.num_cpus == light and not plan.resources.num_gpus:
+        # Equal resources would make Ray Data fuse tokenizing into the model actor (run in turn with the
+        # forward, on the actor's cores); a hair less keeps them apart.
+        light = 0.2
     token_res = Resources(num_cpus=light, batch_size=cfg.batch_size)
     post_res = Resources(num_cpus=light, batch_size=cfg.batch_size)
     return JobSpec(

@@ -273,6 +273,8 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             low, high = res.pool
             pool = (ray.data.ActorPoolStrategy(size=low) if low == high
                     else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
+            # NB: Ray Data fuses a task stage into the actor stage after it when their resources are
+            # equal, and then runs it inside the actor, in turn with the model: jobs keep them different.
             ds = ds.map_batches(_ActorStage, fn_constructor_kwargs={"stage": stage, "shared": refs, "monitor": monitor},
                                 compute=pool, num_gpus=res.num_gpus, **common)
         else:

@@ -101,6 +101,12 @@ def test_the_job_ships_model_and_tokenizer_workers_never_get_the_path(tiny_qa_mo
     for stage in spec.stages:
         assert str(tiny_qa_model) not in repr(stage.kwargs), stage.cls.__name__
     assert model.kwargs["device"] == "cpu" and model.kwargs["num_threads"] == 2
+    # Tokenizing never shares the actor's resources (Ray Data would fuse it into the actor).
+    for cpus in (0.25, 0.5):
+        small = extract_spec(ExtractConfig(input=[str(SQUAD)], output="out", model=str(tiny_qa_model),
+                                           cpus_per_actor=cpus), ClusterView(cpus=2, gpus=0, node_cpus=2),
+                             model=spec.stages[1].shared["model"])
+        assert small.stages[0].res.num_cpus != small.stages[1].res.num_cpus
 
 
 def test_model_read_through_a_uri_equals_the_local_read(tiny_qa_model, tmp_path) -> None:
