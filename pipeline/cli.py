@@ -161,7 +161,10 @@ def extract(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Splinter checkpoint directory (config.json, weights, tokenizer files).")] = None,
     config: ConfigOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per batch handed to a model actor (default 256).")] = None,
-    num_actors: Annotated[int | None, typer.Option(help="Model actors (one per GPU on a GPU cluster; default 1).")] = None,
+    num_actors: Annotated[str | None, typer.Option(help="Model actors: N, or MIN,MAX to grow while work is queued (default: one per GPU when on GPUs, else 1).")] = None,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per model actor, fractional allowed; implies GPUs even if none are up yet (autoscaling).")] = None,
+    cpus_per_actor: Annotated[float | None, typer.Option(help="CPUs reserved per model actor = its torch threads, rounded up (default: 1 on GPU, else a fair share of a node).")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 encoder on CPU actors (faster, answers differ slightly from fp32).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per window (default 384).")] = None,
     stride: Annotated[int | None, typer.Option(help="Overlap between windows, in tokens (default 128).")] = None,
     max_answer_length: Annotated[int | None, typer.Option(help="Longest answer, in tokens (default 30).")] = None,
@@ -170,7 +173,7 @@ def extract(
     id_column: Annotated[str | None, typer.Option(help="Id field (default 'id').")] = None,
     question_column: Annotated[str | None, typer.Option(help="Question field; a list gives one row per question (default 'question').")] = None,
     context_column: Annotated[str | None, typer.Option(help="Context field (default 'context').")] = None,
-    device: Annotated[str | None, typer.Option(help="auto (GPU when present), cpu or cuda.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (GPU when the cluster has or can add GPUs), cpu or cuda (wait for GPU workers).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")] = None,
     input_format: FormatOpt = None,
     shard_rows: ShardRowsOpt = None,
@@ -188,6 +191,7 @@ def extract(
 
     cfg = _build(ExtractConfig, config, dict(
         input=[input], output=output, model=model, batch_size=batch_size, num_actors=num_actors,
+        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, quantize=quantize,
         max_length=max_length, stride=stride, max_answer_length=max_answer_length,
         max_context_chars=max_context_chars, n_best=n_best, id_column=id_column,
         question_column=question_column, context_column=context_column, device=device, dtype=dtype,

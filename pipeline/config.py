@@ -154,7 +154,16 @@ class ExtractConfig(RunConfig):
     question_column: str = "question"
     context_column: str = "context"
     batch_size: int = 256
-    num_actors: int = 1
+    # Model actors: N, or "MIN,MAX" for a pool that grows while work is queued. Default: one per GPU
+    # the cluster has (up to what its autoscaler can add) when the model runs on GPUs, else 1.
+    num_actors: int | str | None = None
+    # GPUs per model actor (fractional shares one GPU between actors); giving it means "use GPUs".
+    gpus_per_actor: float | None = None
+    # CPUs Ray reserves per model actor; its torch threads = this, rounded up. Default: 1 with a GPU,
+    # else an equal share of the cluster (at most one node) leaving half a CPU to tokenizing and writing.
+    cpus_per_actor: float | None = None
+    # "int8": dynamic int8 encoder Linears on CPU actors (faster; answers differ slightly from fp32).
+    quantize: str | None = None
     max_length: int = 384
     stride: int = 128
     max_query_length: int = 64
@@ -164,7 +173,41 @@ class ExtractConfig(RunConfig):
     device: str = "auto"
     dtype: str = "auto"
 
-    SCHEDULING = (*RunConfig.SCHEDULING, "num_actors", "batch_size", "device", "dtype")
+    SCHEDULING = (*RunConfig.SCHEDULING, "num_actors", "gpus_per_actor", "cpus_per_actor", "batch_size",
+                  "device", "dtype")
+
+    def actor_pool(self) -> tuple[int, int] | None:
+        """`num_actors` as (min, max), or None when not given."""
+        if self.num_actors is None:
+            return None
+        text = str(self.num_actors).strip()
+        try:
+            parts = [int(p) for p in text.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+            raise ConfigError(f"--num-actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.num_actors!r}")
+        return parts[0], parts[1]
+
+    def _validate_resources(self) -> None:
+        self.actor_pool()
+        if self.gpus_per_actor is not None:
+            g = self.gpus_per_actor
+            if not (0 < g < 1 or (g >= 1 and float(g).is_integer())):
+                raise ConfigError(f"--gpus-per-actor must be a fraction in (0, 1) or a whole number, got {g}")
+            if self.device == "cpu":
+                raise ConfigError("--gpus-per-actor contradicts --device cpu: drop one of them")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.quantize not in (None, "none", "int8"):
+            raise ConfigError(f"--quantize must be int8 (or none), got {self.quantize!r}")
+        if self.quantize == "int8":
+            if self.device.startswith("cuda") or self.gpus_per_actor:
+                raise ConfigError("--quantize int8 is for CPU actors; on GPUs the model runs in bf16: drop one")
+            if self.dtype not in ("auto", "float32"):
+                raise ConfigError(f"--quantize int8 replaces --dtype {self.dtype}: drop one of them")
 
     def validate(self) -> None:
         super().validate()
@@ -176,8 +219,9 @@ class ExtractConfig(RunConfig):
                 raise ConfigError(f"model directory not found: {model}")
             if not (model / "config.json").is_file():
                 raise ConfigError(f"{model} has no config.json: is it a Splinter checkpoint directory?")
-        if self.batch_size < 1 or self.num_actors < 1:
-            raise ConfigError("batch_size and num_actors must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        self._validate_resources()
         if not 32 <= self.max_length <= 4096:
             raise ConfigError(f"max_length must be in [32, 4096], got {self.max_length}")
         # A window holds the question (up to max_query_length tokens), the template's tokens and the

@@ -11,6 +11,9 @@ class Resources:
 
     `actors > 0` makes the stage an actor pool of that size: each actor builds the stage once
     (a model load) and then serves many batches. `actors == 0` runs the stage as stateless tasks.
+    `max_actors > actors` lets the pool grow from `actors` up to `max_actors` while work is queued
+    (on an autoscaling cluster Ray adds nodes for them). `num_gpus` may be fractional (several actors
+    sharing one GPU).
     """
 
     num_cpus: float = 1.0
@@ -19,6 +22,12 @@ class Resources:
     actors: int = 0
     # For task stages: at most this many concurrent tasks (0 = as many as the CPUs allow).
     tasks: int = 0
+    max_actors: int = 0  # 0: a fixed pool of `actors`
+
+    @property
+    def pool(self) -> tuple[int, int]:
+        """(min, max) actors of an actor stage."""
+        return self.actors, max(self.actors, self.max_actors)
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.num_gpus < 0:
@@ -27,5 +36,9 @@ class Resources:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.actors < 0 or self.tasks < 0:
             raise ValueError(f"actors and tasks must be >= 0, got {self.actors} and {self.tasks}")
+        if self.max_actors and self.max_actors < self.actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= actors ({self.actors})")
+        if self.max_actors and not self.actors:
+            raise ValueError("max_actors needs actors >= 1 (the pool's minimum)")
         if self.num_gpus > 0 and self.actors == 0:
             raise ValueError("a GPU stage must run as an actor pool (actors >= 1) so the model loads once")

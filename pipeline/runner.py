@@ -24,10 +24,12 @@ applying a stage), `pipeline.output` (parts, commits, the output directory's sta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -55,6 +57,8 @@ from pipeline.storage import export_filesystems
 
 __all__ = ["JobSpec", "OutputExistsError", "StageSpec", "init_ray", "run", "run_config"]
 
+log = logging.getLogger(__name__)
+
 
 class _Tracker:
     """Adds up receipts per shard, commits each shard the moment it is complete, reports progress."""
@@ -68,9 +72,17 @@ class _Tracker:
         self.done: set[int] = set()
         self.already_done = already_done
         self.rows_seen = Fraction(0)  # source rows that reached the writer, committed or not
+        # Rows through the job's model (actor) stage so far, as its actors report them: the work as it
+        # happens, ahead of commits. None when the job has no actor stage (then rows = rows written).
+        self.model_rows: int | None = None
+        self.lock = threading.Lock()  # feed() runs in the driver loop, report() also from the ticker
         progress.start(spec.name, already_done + len(shards), "shards")
 
     def feed(self, receipts: Batch) -> None:
+        with self.lock:
+            self._feed(receipts)
+
+    def _feed(self, receipts: Batch) -> None:
         for i in range(batch_len(receipts)):
             shard, rows = int(receipts["shard"][i]), int(receipts["shard_rows"][i])
             consumed = Fraction(str(receipts["consumed"][i]))
@@ -87,9 +99,18 @@ class _Tracker:
             self.committer(shard, self.stats[shard])
         self.done.add(shard)
 
-    def report(self) -> None:
-        # Rows as they reach the writer, not only at shard commits, so a big shard shows movement.
-        self.progress.update(self.already_done + len(self.done), rows=int(self.rows_seen))
+    def report(self, model_rows: int | None = None) -> None:
+        # Rows through the model as its actors finish batches, and rows as they reach the writer, not
+        # only shard commits, so a big shard shows movement long before it lands.
+        with self.lock:
+            if model_rows is not None:
+                self.model_rows = max(model_rows, self.model_rows or 0)
+            written = int(self.rows_seen)
+            if self.model_rows is None:
+                self.progress.update(self.already_done + len(self.done), rows=written)
+            else:
+                self.progress.update(self.already_done + len(self.done), rows=self.model_rows,
+                                     info=f"{written:,} rows written")
 
     def finish(self) -> None:
         """Shards no receipt ever named must be empty; anything else means rows were lost."""
@@ -111,24 +132,38 @@ def _write(batch: Batch, spec: JobSpec, output: str) -> Batch:
 
 
 def run_local(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
-              already_done: int = 0) -> dict[int, dict[str, Any]]:
-    """A plain loop over shards and stages: no Ray, same pieces, same rows. Returns each shard's stats."""
-    stages = [(s.build(), s.res.batch_size) for s in spec.stages]
+              already_done: int = 0) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+    """A plain loop over shards and stages: no Ray, same pieces, same rows.
+
+    Returns each shard's stats and what the model stages said about themselves (`models`)."""
+    stages = [(s.build(), s.res.batch_size, bool(s.res.actors)) for s in spec.stages]
+    labels = sorted(stage.describe() for stage, _, is_model in stages if is_model and hasattr(stage, "describe"))
 
     def commit(shard: int, stats: dict[str, Any]) -> None:
         commit_shard(output, shard, spec.schema, stats, spec.read.filesystems)
 
     tracker = _Tracker(spec, shards, commit, progress, already_done)
+    model_rows = 0
+
+    def counted(stage: Callable[[Batch], Batch]) -> Callable[[Batch], Batch]:
+        def call(batch: Batch) -> Batch:
+            nonlocal model_rows
+            out = stage(batch)
+            model_rows += batch_len(batch)
+            tracker.report(model_rows)
+            return out
+        return call
+
     for shard in shards:
         batch = read_batch([shard.to_dict()], spec.read)
-        for stage, size in stages:
-            batch = apply_chunked(stage, batch, size)
+        for stage, size, is_model in stages:
+            batch = apply_chunked(counted(stage) if is_model else stage, batch, size)
         n = batch_len(batch)
         for i in range(0, n, spec.write_batch_size):
             tracker.feed(_write(slice_batch(batch, i, i + spec.write_batch_size), spec, output))
             tracker.report()
     tracker.finish()
-    return {i: tracker.stats[i] for i in tracker.done}
+    return {i: tracker.stats[i] for i in tracker.done}, ({"models": labels} if labels else {})
 
 
 # Stage construction is cached per worker process so a task-pool stage builds its tokenizer once.
@@ -141,53 +176,105 @@ def _worker_setup() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _cached_stage(spec: StageSpec) -> Callable[[Batch], Batch]:
+def _resolve_shared(refs: dict[str, Any]) -> dict[str, Any]:
+    """A stage's shared kwargs out of the object store (numpy arrays come back as views of shared memory)."""
+    import ray
+
+    return {name: ray.get(ref) for name, ref in refs.items()}
+
+
+def _cached_stage(spec: StageSpec, shared: dict[str, Any]) -> Callable[[Batch], Batch]:
     _worker_setup()
-    key = (spec.cls, json.dumps(spec.kwargs, sort_keys=True, default=str))
+    refs = sorted((name, ref.hex()) for name, ref in shared.items())
+    key = (spec.cls, json.dumps(spec.kwargs, sort_keys=True, default=str), tuple(refs))
     if key not in _STAGE_CACHE:
-        _STAGE_CACHE[key] = spec.build()
+        _STAGE_CACHE[key] = spec.build(_resolve_shared(shared))
     return _STAGE_CACHE[key]
 
 
-def _task_stage(batch: Batch, stage: StageSpec, batch_size: int) -> Batch:
+def _task_stage(batch: Batch, stage: StageSpec, batch_size: int, shared: dict[str, Any]) -> Batch:
     # Ray hands task stages whole blocks (batch_size=None, see run_ray); the stage's batch size
     # is applied here.
-    return apply_chunked(_cached_stage(stage), batch, batch_size)
+    return apply_chunked(_cached_stage(stage, shared), batch, batch_size)
 
 
 class _ActorStage:
-    """Ray actor wrapper: builds the stage once (e.g. a model load), then serves batches."""
+    """Ray actor wrapper: builds the stage once (e.g. a model load), then serves batches and tells the
+    job's monitor how many rows it finished (fire and forget), so progress follows the model."""
 
-    def __init__(self, stage: StageSpec):
+    def __init__(self, stage: StageSpec, shared: dict[str, Any], monitor: Any):
         _worker_setup()
-        self.stage = stage.build()
+        self.stage = stage.build(_resolve_shared(shared))
+        self.monitor = monitor
+        describe = getattr(self.stage, "describe", None)
+        self.label = describe() if callable(describe) else type(self.stage).__name__
+        self.monitor.count.remote(0, self.label)
 
     def __call__(self, batch: Batch) -> Batch:
-        return apply_stage(self.stage, batch)
+        out = apply_stage(self.stage, batch)
+        self.monitor.count.remote(batch_len(batch), self.label)
+        return out
 
 
 def _ray_read(batch: Batch, opts: ReadOptions) -> Batch:
     return read_batch([json.loads(s) for s in batch["shard"]], opts)
 
 
-class _Committer:
-    """One long-lived process for shard commits: a task per commit would start a worker process
-    (and import pyarrow) per shard. Only shards split across batches need it."""
+class _Monitor:
+    """One long-lived process per job for the driver's errands: shard commits (a task per commit would
+    start a worker process and import pyarrow per shard; only shards split across batches need one) and
+    the model actors' row counts. Threaded (see run_ray), so a count never waits behind a commit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows = 0
+        self.labels: set[str] = set()
+        self.first_ready: float | None = None  # wall clock when the first actor finished building
 
     def commit(self, output: str, shard: int, schema: pa.Schema, stats: dict[str, Any],
                filesystems: dict[str, Any]) -> int:
         commit_shard(output, shard, schema, stats, filesystems)
         return shard
 
+    def count(self, rows: int, label: str) -> None:
+        with self.lock:
+            self.rows += rows
+            self.labels.add(label)
+            self.first_ready = self.first_ready or time.time()
+
+    def counts(self) -> tuple[int, list[str]]:
+        with self.lock:
+            return self.rows, sorted(self.labels)
+
+    def ready_at(self) -> float | None:
+        return self.first_ready
+
 
 def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress, already_done: int = 0,
-            stage_overrides: dict[int, Resources] | None = None) -> dict[int, dict[str, Any]]:
-    """Stream shards through Ray Data: read tasks -> stage tasks/actor pools -> part writers."""
+            stage_overrides: dict[int, Resources] | None = None
+            ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+    """Stream shards through Ray Data: read tasks -> stage tasks/actor pools -> part writers.
+
+    Returns each shard's stats and what the job's actors reported about themselves (`models`: e.g.
+    "cuda:0 bfloat16") with `model_ready_s`, how long after the start the first one was built.
+    """
     import ray
+
+    started = time.time()
 
     ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in shards],
                              override_num_blocks=max(1, len(shards)))
     resources = [(stage_overrides or {}).get(i, stage.res) for i, stage in enumerate(spec.stages)]
+    # Big stage arguments (weights, tokenizer) go into the object store once per job, not into every
+    # task's arguments; the same object given to several stages is put once.
+    refs_by_object: dict[int, Any] = {}
+    shared: list[dict[str, Any]] = []
+    for stage in spec.stages:
+        for value in stage.shared.values():
+            if id(value) not in refs_by_object:
+                refs_by_object[id(value)] = ray.put(value)
+        shared.append({name: refs_by_object[id(value)] for name, value in stage.shared.items()})
+    monitor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)(_Monitor).remote()
     # Reading a shard is cheap: give it the first stage's CPU share and task pool so Ray fuses the
     # two into one task. As a separate operator, read tasks would queue for CPUs the stage holds.
     first = resources[0] if resources else Resources()
@@ -195,25 +282,30 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     if not first.actors and first.tasks:
         read_args["compute"] = ray.data.TaskPoolStrategy(size=first.tasks)
     ds = ds.map_batches(_ray_read, fn_kwargs={"opts": spec.read}, batch_size=1, batch_format="numpy", **read_args)
-    for stage, res in zip(spec.stages, resources, strict=True):
+    for stage, res, refs in zip(spec.stages, resources, shared, strict=True):
         common = {"batch_size": res.batch_size, "batch_format": "numpy", "num_cpus": res.num_cpus}
         if res.actors:
-            ds = ds.map_batches(_ActorStage, fn_constructor_kwargs={"stage": stage},
-                                compute=ray.data.ActorPoolStrategy(size=res.actors), num_gpus=res.num_gpus,
-                                **common)
+            low, high = res.pool
+            pool = (ray.data.ActorPoolStrategy(size=low) if low == high
+                    else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
+            # NB: Ray Data fuses a task stage into the actor stage after it when their resources are
+            # equal, and then runs it inside the actor, in turn with the model: jobs keep them different.
+            ds = ds.map_batches(_ActorStage, fn_constructor_kwargs={"stage": stage, "shared": refs, "monitor": monitor},
+                                compute=pool, num_gpus=res.num_gpus, **common)
         else:
             # Whole blocks, chunked inside the task: with a row batch size, Ray would bundle many
             # one-row shard descriptors into a single fused read+stage task and serialise the job.
             common["batch_size"] = None
             if res.tasks:
                 common["compute"] = ray.data.TaskPoolStrategy(size=res.tasks)
-            ds = ds.map_batches(_task_stage, fn_kwargs={"stage": stage, "batch_size": res.batch_size}, **common)
+            ds = ds.map_batches(_task_stage, fn_kwargs={"stage": stage, "batch_size": res.batch_size, "shared": refs},
+                                **common)
     # batch_size=None: write each block as it arrives. A fixed size would make the writer wait for
     # that many rows, holding back commits (and progress) until the end of small jobs.
     # After a task stage, the writer takes its CPU share and pool so Ray fuses them: the stage's
     # output then goes straight to Parquet instead of through Ray's Arrow conversion and back.
     last = resources[-1] if resources else first
-    write_args: dict[str, Any] = {"num_cpus": 0.5}
+    write_args: dict[str, Any] = {"num_cpus": 0.25}
     if not last.actors:
         write_args = {"num_cpus": last.num_cpus}
         if last.tasks:
@@ -221,23 +313,55 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     ds = ds.map_batches(_write, fn_kwargs={"spec": spec, "output": output},
                         batch_size=None, batch_format="numpy", **write_args)
 
-    committer = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Committer).remote()
     pending: list[Any] = []
 
     def commit(shard: int, stats: dict[str, Any]) -> None:
-        pending.append(committer.commit.remote(output, shard, spec.schema, stats, spec.read.filesystems))
+        pending.append(monitor.commit.remote(output, shard, spec.schema, stats, spec.read.filesystems))
 
     tracker = _Tracker(spec, shards, commit, progress, already_done)
-    for receipts in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        tracker.feed(receipts)
-        tracker.report()
-        if pending:
-            ready, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0)
-            ray.get(ready)  # surface commit failures early
-    tracker.finish()
-    ray.get(pending)
-    ray.kill(committer)
-    return {i: tracker.stats[i] for i in tracker.done}
+    has_actors = any(r.actors for r in resources)
+    labels: list[str] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        # Receipts only arrive when a shard's rows reach the writer; between them, poll the model
+        # actors' counts so progress moves with the work (and a quiet log still gets its line on time).
+        while not stop.wait(1.0):
+            rows = None
+            # A slow or restarting monitor must never stop the job: skip this tick instead.
+            with contextlib.suppress(Exception):
+                if has_actors:
+                    rows, labels[:] = ray.get(monitor.counts.remote(), timeout=10)
+            tracker.report(rows)
+
+    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker.start()
+    try:
+        # prefetch_batches=0: with Ray's default of 1, iter_batches holds every block back until the
+        # next one exists, so each receipt (and the commit it completes) reached the driver one block
+        # late: the first shards of a job showed up only at its end.
+        for receipts in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            tracker.feed(receipts)
+            tracker.report()
+            if pending:
+                ready, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ray.get(ready)  # surface commit failures early
+        stop.set()
+        ticker.join()
+        tracker.finish()
+        ray.get(pending)
+        if log.isEnabledFor(logging.DEBUG):  # where the time went, per operator, for whoever asks
+            log.debug("Ray Data stats of the %s job:\n%s", spec.name, ds.stats())
+        extra: dict[str, Any] = {}
+        if has_actors:
+            rows, labels[:] = ray.get(monitor.counts.remote())
+            tracker.report(rows)
+            ready = ray.get(monitor.ready_at.remote())
+            extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None}
+    finally:
+        stop.set()
+        ray.kill(monitor)
+    return {i: tracker.stats[i] for i in tracker.done}, extra
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -285,16 +409,20 @@ def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray",
         progress.log(f"[{spec.name}] resuming: {len(done)} of {len(shards)} shards already committed")
     held = dict(done)
     try:
+        extra: dict[str, Any] = {}
         if todo and engine == "local":
-            held.update(run_local(spec, todo, output, progress, len(done)))
+            stats, extra = run_local(spec, todo, output, progress, len(done))
+            held.update(stats)
         elif todo and engine == "ray":
-            held.update(run_ray(spec, todo, output, progress, len(done), stage_overrides))
+            stats, extra = run_ray(spec, todo, output, progress, len(done), stage_overrides)
+            held.update(stats)
         elif todo:
             raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     finally:
         progress.close()
     seconds = time.perf_counter() - start
-    return finish_output(output, shards, {"seconds": round(seconds, 3), "resumed_shards": len(done)}, held)
+    return finish_output(output, shards, {"seconds": round(seconds, 3), "resumed_shards": len(done), **extra},
+                         held)
 
 
 def run_config(cfg: Any, make_spec: Callable[[], JobSpec], progress: Progress | None = None) -> dict[str, Any]:

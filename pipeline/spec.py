@@ -24,18 +24,25 @@ INTERNAL = ("_shard", "_row", "_sub", "_src", "_den", "_shard_rows", "_error")
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage class, the plain kwargs to build it with (on the worker), and what it needs."""
+    """A stage class, the plain kwargs to build it with (on the worker), and what it needs.
+
+    `shared` holds kwargs too big to travel with every task (model weights, a tokenizer): the Ray
+    runner puts each into the object store once per job and workers fetch them by reference (actors on
+    one node map the same memory); a local run passes them as they are.
+    """
 
     cls: type
     kwargs: dict[str, Any] = field(default_factory=dict)
     resources: Resources | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def res(self) -> Resources:
         return self.resources or getattr(self.cls, "resources", Resources())
 
-    def build(self) -> Callable[[Batch], Batch]:
-        return self.cls(**self.kwargs)
+    def build(self, shared: dict[str, Any] | None = None) -> Callable[[Batch], Batch]:
+        """The stage, with `shared` (resolved by the runner) in place of the spec's own shared values."""
+        return self.cls(**self.kwargs, **(self.shared if shared is None else shared))
 
 
 @dataclass(frozen=True)

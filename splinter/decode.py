@@ -69,6 +69,8 @@ def best_spans(
     num_questions: int | None = None,
     max_answer_length: int = 30,
     n_best: int = 0,
+    check: bool = True,
+    max_windows_per_question: int | None = None,
 ) -> Spans:
     """The exact best span per question, and optionally its exact n-best list.
 
@@ -83,6 +85,11 @@ def best_spans(
         n_best: if > 0, also return the top `n_best` distinct (window, start, end) spans per
             question by score, best first, with softmax probabilities over that list (run_qa's
             n-best semantics, but exact).
+        check: validate `question_index` against `num_questions` (two device->host syncs). Callers
+            that build the index themselves pass False, keeping the whole decode free of host syncs
+            once `num_questions` and `max_windows_per_question` are given too.
+        max_windows_per_question: the most windows any question has (known on the host to callers
+            that built the windows); computed on the device (one sync) when None and n_best > 0.
 
     Ties are broken towards the lowest window index, then the lowest start, then the shortest span.
     """
@@ -104,7 +111,7 @@ def best_spans(
         raise ValueError(f"question_index must be (W,) = ({num_windows},), got {tuple(question_index.shape)}")
     if num_questions is None:
         num_questions = int(question_index.max().item()) + 1 if num_windows else 0
-    if num_windows and (int(question_index.min()) < 0 or int(question_index.max()) >= num_questions):
+    if check and num_windows and (int(question_index.min()) < 0 or int(question_index.max()) >= num_questions):
         raise ValueError(f"question_index values must lie in [0, {num_questions})")
     valid = valid.to(device=device, dtype=torch.bool)
     max_len = min(max_answer_length, max(seq_len, 1))
@@ -149,7 +156,8 @@ def best_spans(
     )
     if n_best:
         _fill_nbest(
-            spans, cand_score, cand_flat, question_index, num_questions, seq_len * max_len, max_len, n_best
+            spans, cand_score, cand_flat, question_index, num_questions, seq_len * max_len, max_len, n_best,
+            max_windows_per_question,
         )
     return spans
 
@@ -163,6 +171,7 @@ def _fill_nbest(
     stride: int,
     max_len: int,
     n_best: int,
+    max_windows: int | None = None,
 ) -> None:
     """Merge each question's per-window candidates into its global n-best list."""
     device = cand_score.device
@@ -174,7 +183,8 @@ def _fill_nbest(
     first = torch.cumsum(counts, 0) - counts  # index of each question's first window in `order`
     rank = torch.empty_like(order)
     rank[order] = torch.arange(num_windows, device=device) - first[sorted_q]
-    max_windows = int(counts.max().item()) if num_windows else 0
+    if max_windows is None:
+        max_windows = int(counts.max().item()) if num_windows else 0
     width = max(max_windows * k_win, 1)
     grid_score = torch.full((num_questions, width), float("-inf"), device=device)
     # Candidate identity as one integer (window, s*L + l): sorting by it breaks score ties

@@ -7,6 +7,9 @@ Module names are short (`qkv`, `ln_attn`, ...); transformers' checkpoint names l
 the key map in `splinter/checkpoint.py`. We chose that over mirroring the checkpoint tree because the
 fused query/key/value projection (one GEMM instead of three) cannot mirror three separate checkpoint
 tensors anyway, so a map is needed regardless, and one map is simpler than a map plus mirrored names.
+
+One file over ~500 lines on purpose: the whole network, its input checks and its losses read best
+bottom-up in one place (the inference precision helpers live in `splinter/precision.py`).
 """
 
 from __future__ import annotations
@@ -235,7 +238,9 @@ class _Base(nn.Module):
 class SplinterModel(_Base):
     """The encoder: embeddings + post-LN transformer layers; returns last_hidden_state (B, S, H)."""
 
-    # Input checks cost one small host sync per call; trusted hot loops may switch them off.
+    # Input checks cost one small host sync per call: callers that check their inputs once at the
+    # boundary (e.g. on the host, from numpy) switch them off for the hot loop; under torch.compile they
+    # are skipped (a host sync would break the graph).
     check_inputs: bool = True
 
     def __init__(self, config: SplinterConfig) -> None:
@@ -267,9 +272,13 @@ class SplinterModel(_Base):
         attn_bias = None  # no mask: SDPA's fast path, nothing (B, h, S, S) is ever materialised
         if attention_mask is not None:
             # Additive bias (B, 1, 1, S) broadcast over heads and queries. An additive finfo.min (rather
-            # than a boolean mask) keeps an all-padding row finite, as in transformers.
-            keep = attention_mask.to(dtype=x.dtype)
-            attn_bias = ((1.0 - keep) * torch.finfo(x.dtype).min)[:, None, None, :]  # (B, 1, 1, S)
+            # than a boolean mask) keeps an all-padding row finite, as in transformers. Under autocast the
+            # attention runs in the autocast dtype: fp32's min would round to -inf there.
+            dtype = x.dtype
+            if torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+            keep = attention_mask.to(dtype=dtype)
+            attn_bias = ((1.0 - keep) * torch.finfo(dtype).min)[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.layers:
             x = layer(x, attn_bias)
         return x
@@ -281,7 +290,7 @@ class SplinterModel(_Base):
         token_type_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
     ) -> SplinterOutput:
-        if self.check_inputs:
+        if self.check_inputs and not torch.compiler.is_compiling():
             validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
         return SplinterOutput(self.encode(input_ids, attention_mask, token_type_ids, position_ids))
 
@@ -408,6 +417,10 @@ def all_question_positions(input_ids: Tensor, question_token_id: int, pad_positi
 # ------------------------------------------------------------------------------------------------ task models
 class _WithQASS(_Base):
     has_qass = True
+    # Set by `splinter.precision.to_mixed_precision`: the encoder runs under autocast in this dtype, while
+    # LayerNorms, the QASS head and the logits stay fp32. bf16 logits step by ~0.06 at magnitude ~10, so
+    # start + end sums would tie and the exact span search would pick by position instead of by score.
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, config: SplinterConfig) -> None:
         super().__init__()
@@ -423,11 +436,21 @@ class _WithQASS(_Base):
         position_ids: Tensor | None,
         question_positions: Tensor | None,
     ) -> Tensor:
-        if self.splinter.check_inputs:
+        if self.splinter.check_inputs and not torch.compiler.is_compiling():
             validate_inputs(
                 self.config, input_ids, attention_mask, token_type_ids, position_ids, question_positions
             )
-        return self.splinter.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        if self.autocast_dtype is None:
+            return self.splinter.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype):
+            hidden = self.splinter.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        return hidden.float()  # (B, S, H): the residual stream is fp32 already (fp32 LayerNorm outputs)
+
+    def _span_logits(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """QASS logits (B, Q, S) in the head's own dtype, even inside a caller's autocast region."""
+        head_dtype = self.qass.start_bilinear.weight.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.qass(hidden.to(head_dtype), positions)
 
 
 class SplinterForQuestionAnswering(_WithQASS):
@@ -454,7 +477,7 @@ class SplinterForQuestionAnswering(_WithQASS):
         squeeze = question_positions is None
         if squeeze:
             question_positions = first_question_positions(input_ids, self.config.question_token_id)  # (B, 1)
-        start_logits, end_logits = self.qass(hidden, question_positions)  # (B, Q, S)
+        start_logits, end_logits = self._span_logits(hidden, question_positions)  # (B, Q, S)
         start_logits = mask_logits(start_logits, attention_mask)
         end_logits = mask_logits(end_logits, attention_mask)
         if squeeze:
@@ -491,7 +514,7 @@ class SplinterForPreTraining(_WithQASS):
             question_positions = all_question_positions(
                 input_ids, self.config.question_token_id, self.config.pad_token_id
             )
-        start_logits, end_logits = self.qass(hidden, question_positions)  # (B, Q, S)
+        start_logits, end_logits = self._span_logits(hidden, question_positions)  # (B, Q, S)
         start_logits = mask_logits(start_logits, attention_mask)
         end_logits = mask_logits(end_logits, attention_mask)
         loss = None

@@ -39,3 +39,18 @@ class Upper:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**batch, "upper": np.asarray([w.upper() for w in batch["word"]], dtype=object)}
+
+
+class SlowUpper:
+    """A 1:1 actor stage that takes `seconds` per batch: a stand-in for a model."""
+
+    resources = Resources(num_cpus=0.5, batch_size=1, actors=1)
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds = seconds
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        time.sleep(self.seconds)
+        return {**batch, "upper": np.asarray([str(w).upper() for w in batch["text"]], dtype=object)}

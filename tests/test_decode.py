@@ -118,3 +118,17 @@ def test_low_precision_logits_and_bad_arguments() -> None:
         best_spans(start, end, valid, max_answer_length=0)
     with pytest.raises(ValueError, match="question_index values"):
         best_spans(start, end, valid, torch.tensor([0, 1, 5]), num_questions=2)
+
+
+def test_unchecked_decode_without_host_syncs_gives_the_same_spans() -> None:
+    """The model actor passes check=False and the host-known window count: nothing may change."""
+    g = torch.Generator().manual_seed(7)
+    start, end = torch.randn(9, 40, generator=g), torch.randn(9, 40, generator=g)
+    valid = torch.rand(9, 40, generator=g) > 0.2
+    qidx = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3])
+    checked = best_spans(start, end, valid, qidx, 5, 10, n_best=4)
+    fast = best_spans(start, end, valid, qidx, 5, 10, n_best=4, check=False, max_windows_per_question=3)
+    for name in ("window", "start", "end", "score", "nbest_window", "nbest_start", "nbest_end", "nbest_score"):
+        assert torch.equal(getattr(fast, name), getattr(checked, name)), name
+    with pytest.raises(ValueError, match="question_index values"):
+        best_spans(start, end, valid, qidx, 3, 10)  # the checked path still refuses a bad index

@@ -182,3 +182,48 @@ def test_from_bert_extract_evaluate_cli(tmp_path):
     assert "warning" not in metrics
     (out / "__splinter__" / "_SUCCESS").unlink()
     assert "incomplete" in json.loads(runner.invoke(app, ["evaluate", str(out), str(gold)]).stdout)["warning"]
+
+
+def test_workers_never_read_the_model_path(tmp_path, tiny_qa_model, ray_session):
+    """The driver reads the checkpoint once and ships it: the job runs after the directory is gone."""
+    import shutil
+
+    from pipeline.extract import ClusterView, extract_spec
+    from pipeline.runner import run
+    from pipeline.sources import expand_inputs, plan_shards
+    from splinter.squad import load_squad
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({k: r[k] for k in ("id", "question", "context")}) + "\n"
+                                 for r in load_squad(SQUAD)[:24]))
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_qa_model, model_dir)
+    cfg = ExtractConfig(input=[str(questions)], output=str(tmp_path / "out"), model=f"file://{model_dir}")
+    spec = extract_spec(cfg, ClusterView(cpus=2, gpus=0, node_cpus=2))
+    shutil.rmtree(model_dir)
+    shards = plan_shards(expand_inputs(cfg.input), "auto", cfg.shard_rows, cfg.shard_bytes)
+    stats = run(spec, shards, cfg.output)
+    expected = run_extract(ExtractConfig(input=[str(questions)], output=str(tmp_path / "local"),
+                                         model=str(tiny_qa_model), local=True))
+    assert stats["rows_out"] == expected["rows_out"] == 24
+    assert stats["models"] == ["cpu float32, 2 threads"]
+    assert _read(tmp_path / "out")["answer"].to_pylist() == _read(tmp_path / "local")["answer"].to_pylist()
+
+
+def test_shipped_model_builds_the_same_network(tiny_qa_model):
+    import torch
+
+    from pipeline.model_source import read_checkpoint
+    from splinter.checkpoint import load_pretrained
+    from splinter.model import SplinterForQuestionAnswering
+
+    shipped = read_checkpoint(str(tiny_qa_model))
+    built, loaded = shipped.build(), load_pretrained(SplinterForQuestionAnswering, tiny_qa_model)
+    ids = torch.randint(5, shipped.tokenizer.vocab_size, (2, 16))
+    ids[:, 3] = built.config.question_token_id
+    with torch.inference_mode():
+        a, b = built(ids), loaded(ids)
+    assert torch.equal(a.start_logits, b.start_logits) and torch.equal(a.end_logits, b.end_logits)
+    # The parameters view the shipped arrays (in Ray: shared memory): no second copy per actor.
+    name, array = next(iter(shipped.tensors.items()))
+    assert built.state_dict()[name].data_ptr() == array.__array_interface__["data"][0]

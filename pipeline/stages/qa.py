@@ -25,6 +25,9 @@ QAPostprocess in : the above
 Token -> character mapping happens inside QAModel, where the offsets are at hand, so the heavy
 token columns (ids, types, offsets) are dropped there and only a few scalars per question move to
 the postprocess stage, which turns character spans into text and the final schema.
+
+One file over ~500 lines on purpose: the three stages share the column layout described above, and
+reading them side by side is how that layout stays consistent.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.model_source import ShippedModel
 from pipeline.resources import Resources
 from splinter.decode import NO_VALID_SPAN, best_spans
+from splinter.precision import quantize_int8, to_mixed_precision
+from splinter.tokenizer import SplinterTokenizer
 from splinter.windows import encode_qa_windows
 
 log = logging.getLogger(__name__)
@@ -45,8 +51,8 @@ log = logging.getLogger(__name__)
 __all__ = ["QATokenize", "QAModel", "QAPostprocess"]
 
 _INPUT_COLUMNS = ("id", "question", "context")
-_PAD_MULTIPLE = 8
-_PAIR_SPECIAL_TOKENS = 5  # [CLS] question [QUESTION] . [SEP] context [SEP]  # tensor cores and oneDNN kernels like sequence lengths that are multiples of 8
+_PAD_MULTIPLE = 8  # tensor cores and oneDNN kernels like sequence lengths that are multiples of 8
+_PAIR_SPECIAL_TOKENS = 5  # [CLS] question [QUESTION] . [SEP] context [SEP]
 
 
 def _object_array(values: list[Any]) -> np.ndarray:
@@ -86,14 +92,12 @@ class QATokenize:
 
     def __init__(
         self,
-        tokenizer: str,
+        tokenizer: str | SplinterTokenizer,
         max_length: int = 384,
         stride: int = 128,
         max_query_length: int = 64,
         max_context_chars: int = 100_000,
     ) -> None:
-        from splinter.tokenizer import SplinterTokenizer
-
         if max_context_chars < 1:
             raise ValueError(f"max_context_chars must be >= 1, got {max_context_chars}")
         if max_query_length < 1:
@@ -105,7 +109,10 @@ class QATokenize:
                 f"stride must be in [0, max_length - max_query_length - {_PAIR_SPECIAL_TOKENS}) = [0, {room}); "
                 f"got stride={stride}, max_length={max_length}, max_query_length={max_query_length}"
             )
-        self.tokenizer = SplinterTokenizer.from_pretrained(tokenizer)
+        # A job ships the tokenizer itself (read once on the driver); a path is for direct use.
+        if not isinstance(tokenizer, SplinterTokenizer):
+            tokenizer = SplinterTokenizer.from_pretrained(tokenizer)
+        self.tokenizer = tokenizer
         self.max_length = max_length
         self.stride = stride
         self.max_query_length = max_query_length
@@ -196,19 +203,24 @@ def _resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'")
+        raise ValueError(
+            f"device {device!r} requested but CUDA is not available here (no GPU given to this process, "
+            "or a CPU build of torch); use device='auto' or 'cpu'"
+        )
     return resolved
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        # bf16 keeps fp32's range (no overflow in the logits) at half the memory traffic; CPUs without
+        # bf16 keeps fp32's range (no overflow in attention) at half the memory traffic; CPUs without
         # native bf16 matmuls are slower in it, so CPU stays fp32.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
-    return table[dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
 
 
 class QAModel:
@@ -217,15 +229,19 @@ class QAModel:
     Windows from all questions of the batch are sorted by length and cut into micro-batches padded only
     to their own longest window (rounded up to a multiple of 8), so short questions never pay for long
     ones; logits are put back in window order and decoded on the model's device in one pass.
+
+    Precision: fp32 on CPU, or `quantize="int8"` (dynamic int8 encoder Linears, CPU only); on a GPU the
+    encoder runs in bf16 (weights bf16, autocast) with LayerNorms, the QASS head and the logits in fp32.
     """
 
     resources = Resources(num_cpus=1, num_gpus=0, batch_size=256, actors=1)
 
     def __init__(
         self,
-        model: str,
+        model: str | ShippedModel,
         device: str = "auto",
         dtype: str = "auto",
+        quantize: str | None = None,
         micro_batch_tokens: int | None = None,
         micro_batch_size: int | None = None,
         max_answer_length: int = 30,
@@ -243,16 +259,29 @@ class QAModel:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+        if quantize not in (None, "none", "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        if self.device.type == "cpu":
-            # An actor owns its CPU share; without this torch would spread over every core of the node
-            # and oversubscribe it with the other actors and tokenize tasks.
-            torch.set_num_threads(max(1, num_threads or math.ceil(type(self).resources.num_cpus)))
-        self.model = load_pretrained(SplinterForQuestionAnswering, model, dtype=self.dtype, device=self.device)
-        self.model.eval()
-        # Inputs are checked on the host in __call__ (cheap numpy) instead of once per micro-batch on the
-        # device, which would cost a device->host sync each time.
+        self.quantize = quantize if quantize != "none" else None
+        if self.quantize and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError("quantize='int8' is for CPU fp32 inference: use device='cpu' (GPUs run bf16)")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        # An actor owns the CPUs Ray reserved for it (the job passes their count); without a count, torch
+        # would spread over every core of the node and oversubscribe it with the other actors and tasks.
+        torch.set_num_threads(num_threads or max(1, math.ceil(type(self).resources.num_cpus)))
+        if isinstance(model, ShippedModel):
+            net = model.build()
+        else:
+            net = load_pretrained(SplinterForQuestionAnswering, model)
+        if self.quantize == "int8":
+            net = quantize_int8(net)
+        elif self.dtype != torch.float32:
+            net = to_mixed_precision(net, self.dtype)
+        self.model = net.to(self.device).eval()
+        # Inputs are checked once per batch on the host, from numpy (see __call__), instead of once per
+        # micro-batch on the device, which would cost a device->host sync each time.
         self.model.splinter.check_inputs = False
         self.config = self.model.config
         if micro_batch_tokens is None and micro_batch_size is None:
@@ -263,6 +292,13 @@ class QAModel:
         self.micro_batch_size = micro_batch_size
         self.max_answer_length = max_answer_length
         self.n_best = n_best
+
+    def describe(self) -> str:
+        """Where and how this actor runs the model, e.g. "cuda:0 bfloat16" or "cpu int8, 2 threads"."""
+        precision = "int8" if self.quantize else str(self.dtype).removeprefix("torch.")
+        if self.device.type == "cpu":
+            return f"cpu {precision}, {torch.get_num_threads()} threads"
+        return f"{self.device} {precision}"
 
     def _micro_batches(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """(window indices, padded length) per micro-batch, longest windows first."""
@@ -279,26 +315,45 @@ class QAModel:
             i += count
         return batches
 
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device. On CUDA it goes through pinned memory so the copy is truly
+        asynchronous (`non_blocking` from pageable memory is a blocking copy); on CPU it is a view."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def _logits(
         self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, seq_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, seq_len) fp32 start and end logits on the device, in window order."""
+        """(W, seq_len) fp32 start and end logits on the device, in window order.
+
+        The whole batch goes to the device once, as int32 ids and int8 types (a quarter and an eighth of
+        int64), before the first forward; micro-batches are then cut on the device and no step of the
+        loop waits for the host, so on a GPU the host runs ahead queueing the next micro-batch while the
+        current one computes.
+        """
         num_windows = lengths.size
+        batches = self._micro_batches(lengths)
+        order = np.concatenate([w for w, _ in batches]) if batches else np.zeros(0, dtype=np.int64)
+        ids_dev = self._to_device(ids)  # (W, seq_len) int32
+        types_dev = self._to_device(types)  # (W, seq_len) int8
+        lengths_dev = self._to_device(lengths.astype(np.int32))  # (W,)
+        order_dev = self._to_device(order.astype(np.int64))  # (W,) windows, micro-batch after micro-batch
+        positions = torch.arange(seq_len, device=self.device)
         start = torch.zeros((num_windows, seq_len), dtype=torch.float32, device=self.device)
         end = torch.zeros((num_windows, seq_len), dtype=torch.float32, device=self.device)
-        positions = np.arange(seq_len)
-        for windows, pad_len in self._micro_batches(lengths):
-            batch_ids = torch.from_numpy(ids[windows, :pad_len]).to(self.device, non_blocking=True)
-            batch_types = torch.from_numpy(types[windows, :pad_len]).to(self.device, non_blocking=True)
-            mask = positions[None, :pad_len] < lengths[windows, None]
-            batch_mask = torch.from_numpy(mask).to(self.device, non_blocking=True)
-            out = self.model(
-                batch_ids.long(), attention_mask=batch_mask.long(), token_type_ids=batch_types.long()
-            )
-            rows = torch.from_numpy(windows).to(self.device)
-            start[rows, :pad_len] = out.start_logits.float()
-            end[rows, :pad_len] = out.end_logits.float()
+        lo = 0
+        for windows, pad_len in batches:
+            rows = order_dev[lo : lo + windows.size]
+            lo += windows.size
+            batch_ids = ids_dev[rows, :pad_len]  # (m, pad_len) int32: embeddings take int32 indices
+            batch_types = types_dev[rows, :pad_len].int()  # widened on the device
+            batch_mask = positions[None, :pad_len] < lengths_dev[rows, None]  # (m, pad_len) bool
+            out = self.model(batch_ids, attention_mask=batch_mask, token_type_ids=batch_types)
+            start[rows, :pad_len] = out.start_logits
+            end[rows, :pad_len] = out.end_logits
         return start, end
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -307,8 +362,8 @@ class QAModel:
         errors = [str(e) if e is not None else "" for e in batch["error"]]
         n = len(errors)
         lengths, windows_per_row = _flat(batch["window_lengths"], np.int64)
-        flat_ids, _ = _flat(batch["input_ids"], np.int64)
-        flat_types, _ = _flat(batch["token_type_ids"], np.int64)
+        flat_ids, _ = _flat(batch["input_ids"], np.int32)
+        flat_types, _ = _flat(batch["token_type_ids"], np.int8)
         flat_offsets, _ = _flat(batch["offsets"], np.int32)
         num_windows, total = lengths.size, int(lengths.sum())
         if flat_ids.size != total or flat_types.size != total or flat_offsets.size != 2 * total:
@@ -323,10 +378,16 @@ class QAModel:
                 f"windows of {int(lengths.max())} tokens exceed the model's max_position_embeddings="
                 f"{self.config.max_position_embeddings}; lower QATokenize's max_length"
             )
+        # The model's own input checks are off (they would sync host and device per micro-batch): the
+        # same checks happen here, once per batch, on the host.
         if total and (flat_ids.min() < 0 or flat_ids.max() >= self.config.vocab_size):
             raise ValueError(
                 f"token ids outside the model's vocabulary (vocab_size={self.config.vocab_size}): "
                 "the tokenizer does not belong to this model; pass the model's own tokenizer directory"
+            )
+        if total and (flat_types.min() < 0 or flat_types.max() >= self.config.type_vocab_size):
+            raise ValueError(
+                f"token type ids outside [0, {self.config.type_vocab_size}): feed QATokenize's output unchanged"
             )
 
         # Window w of the batch belongs to row question_index[w]; its token t is flat token tok0[w] + t.
@@ -335,9 +396,9 @@ class QAModel:
         # Scatter the flat tokens into (W, seq_len) padded arrays in one vectorised step.
         win_of_tok = np.repeat(np.arange(num_windows), lengths)
         col_of_tok = np.arange(total) - np.repeat(tok0, lengths)
-        ids = np.zeros((num_windows, seq_len), dtype=np.int64)
+        ids = np.zeros((num_windows, seq_len), dtype=np.int32)
         ids[win_of_tok, col_of_tok] = flat_ids
-        types = np.zeros((num_windows, seq_len), dtype=np.int64)
+        types = np.zeros((num_windows, seq_len), dtype=np.int8)
         types[win_of_tok, col_of_tok] = flat_types
         offsets = flat_offsets.reshape(total, 2)
         valid = np.zeros((num_windows, seq_len), dtype=bool)
@@ -347,11 +408,13 @@ class QAModel:
         spans = best_spans(
             start_logits,
             end_logits,
-            torch.from_numpy(valid).to(self.device),
-            torch.from_numpy(question_index).to(self.device),
+            self._to_device(valid),
+            self._to_device(question_index),
             num_questions=n,
             max_answer_length=self.max_answer_length,
             n_best=self.n_best,
+            check=False,  # question_index is built right here, in range by construction
+            max_windows_per_question=int(windows_per_row.max()) if n else 0,
         )
         window = spans.window.cpu().numpy()
         found = window >= 0
