@@ -192,7 +192,7 @@ def _fewshot_run(
     import torch
 
     from pipeline.config import ExtractConfig
-    from pipeline.extract import extract_spec
+    from pipeline.extract import ClusterView, extract_spec
     from pipeline.finetune import finetune_examples
     from pipeline.runner import run_config
     from splinter.checkpoint import save_pretrained
@@ -227,7 +227,9 @@ def _fewshot_run(
             max_length=config.max_length, stride=config.stride, max_query_length=config.max_query_length,
             max_answer_length=max_answer_length, device="cuda" if use_gpu else "cpu",
         )
-        stats = run_config(cfg, lambda: extract_spec(cfg, float(cpus), 1.0 if use_gpu else 0.0))
+        # This task's own share of the machine, not the cluster's: the plain loop runs right here.
+        view = ClusterView(cpus=float(cpus), gpus=1.0 if use_gpu else 0.0, node_cpus=float(cpus))
+        stats = run_config(cfg, lambda: extract_spec(cfg, view))
         import pyarrow.parquet as pq
 
         predictions: dict[str, str | None] = {}

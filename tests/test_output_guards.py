@@ -189,17 +189,27 @@ def test_broken_models_fail_before_ray_with_one_line_naming_the_file(tmp_path, t
     assert code == 2 and "--stride must be in [0, 59)" in err and not (tmp_path / "o").exists()
 
 
-def test_a_failed_run_does_not_block_the_plain_rerun(tmp_path, tiny_qa_model):
+def test_a_failed_run_does_not_block_the_plain_rerun(tmp_path, tiny_qa_model, monkeypatch):
     gold = tmp_path / "gold.json"
     data = json.loads(SQUAD.read_text())
     data["data"] = data["data"][:1]
     data["data"][0]["paragraphs"] = data["data"][0]["paragraphs"][:1]
     gold.write_text(json.dumps(data))
     out = tmp_path / "out"
-    # A crash after the output was opened (here: no CUDA for the model) is exit 1, in one line.
-    code, err, _ = _cli("extract", str(gold), str(out), "--model", str(tiny_qa_model), "--local", "--device", "cuda")
+    # A crash after the output was opened (here: the disk fills up as the first shard is written) is
+    # exit 1, in one line.
+    import pyarrow.parquet as pq
+
+    real_write = pq.write_table
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    code, err, _ = _cli("extract", str(gold), str(out), "--model", str(tiny_qa_model), "--local", "-q")
+    monkeypatch.setattr(pq, "write_table", real_write)
     assert code == 1 and len(err.splitlines()) == 1 and err.startswith("error: the job failed"), err
-    assert "Traceback" not in err
+    assert "No space left on device" in err and "Traceback" not in err
     assert out.exists() and not is_complete(str(out))
     code, err, stdout = _cli("extract", str(gold), str(out), "--model", str(tiny_qa_model), "--local", "-q")
     assert code == 0, err

@@ -217,7 +217,6 @@ def test_remote_model_directory_is_checked_before_the_job(s3, tiny_qa_model):
         check_model_dir(s3.uri("models/truncated"))
 
 
-@pytest.mark.xfail(strict=False, reason="needs driver-side model loading")
 def test_extract_reads_its_model_from_s3(s3, tmp_path, tiny_qa_model):
     _upload_dir(s3, tiny_qa_model, "models/qa")
     gold = json.loads(SQUAD.read_text())
