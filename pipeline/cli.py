@@ -1,7 +1,7 @@
 """`splinter` command line: the application on top of the library. Thin typer wrappers only.
 
 Every command is also a plain Python call (`pipeline.mine.run_mine`, `pipeline.extract.run_extract`,
-`pipeline.evaluate.evaluate_files`, `splinter.checkpoint.bert_to_splinter`, `pipeline.submit.submit`),
+`pipeline.evaluate.evaluate_files`, `splinter.bert.bert_to_splinter`, `pipeline.submit.submit`),
 so nothing here holds logic of its own. The console script `splinter` and the cluster entrypoint
 `python -m pipeline.cli` both land here.
 """
@@ -225,7 +225,7 @@ def from_bert(
     lowercase: Annotated[bool | None, typer.Option("--lowercase/--cased", help="Tokenizer casing (default: from the checkpoint's tokenizer_config.json, else cased).", show_default=False)] = None,
 ) -> None:
     """Initialise a Splinter QA model (fresh QASS head) from BERT weights, as the paper's baselines do."""
-    from splinter.checkpoint import bert_to_splinter
+    from splinter.bert import bert_to_splinter
 
     try:
         written = bert_to_splinter(bert_dir, output, do_lower_case=lowercase)

