@@ -380,6 +380,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Our own private instance: its token is generated and used by Ray itself, so Ray's notice that
+        # token auth is on says nothing the user must act on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # An explicit "local" so a laptop with a stray `ray start` does not silently get used.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=_local_object_store_bytes(), **kwargs)
