@@ -83,6 +83,7 @@ def mine(
     max_span_length: Annotated[int | None, typer.Option(help="Longest recurring n-gram, in word pieces (default 10).")] = None,
     max_questions: Annotated[int | None, typer.Option(help="Most [QUESTION] tokens per sequence (default 30).")] = None,
     layout: Annotated[str | None, typer.Option(help="collapsed: one [QUESTION] per masked span; original: the authors' [QUESTION]+[PAD]s with position_ids.")] = None,
+    dupe_factor: Annotated[int | None, typer.Option(help="Independent passes per document, each with its own masking and chunk boundaries (default 1; the authors used 5).")] = None,
     num_workers: Annotated[int | None, typer.Option(help="Concurrent mining tasks (default: one per CPU).")] = None,
     text_column: Annotated[str | None, typer.Option(help="Text field of Parquet/JSONL records (default 'text').")] = None,
     id_column: Annotated[str | None, typer.Option(help="Document id field (default 'id'; a content hash when absent).")] = None,
@@ -102,7 +103,7 @@ def mine(
 
     cfg = _build(MineConfig, config, dict(
         input=[input], output=output, tokenizer=tokenizer, seed=seed, max_seq_length=max_seq_length,
-        max_span_length=max_span_length, max_questions=max_questions, layout=layout, num_workers=num_workers,
+        max_span_length=max_span_length, max_questions=max_questions, layout=layout, dupe_factor=dupe_factor, num_workers=num_workers,
         text_column=text_column, id_column=id_column, input_format=input_format, shard_rows=shard_rows,
         shard_bytes=shard_bytes, resume=resume, overwrite=overwrite, local=local, ray_address=address,
         num_cpus=num_cpus))
