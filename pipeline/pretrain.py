@@ -194,6 +194,7 @@ class ModelSource:
     path: str | None
     config: SplinterConfig
     tokenizer: Any
+    label: str = ""  # how the user named it, for messages
 
     def plain(self) -> dict[str, Any]:
         return {
@@ -223,12 +224,12 @@ def resolve_model(cfg: PretrainConfig, data: MinedData) -> ModelSource:
             config = SplinterConfig.from_pretrained(cfg.model)
             has_tok = any((Path(cfg.model) / n).is_file() for n in ("tokenizer.json", "vocab.txt"))
             tokenizer = SplinterTokenizer.from_pretrained(cfg.model) if has_tok else _mining_tokenizer(data)
-            return ModelSource("model", cfg.model, config, tokenizer)
+            return ModelSource("model", cfg.model, config, tokenizer, f"--model {cfg.model}")
         if cfg.from_bert:
             tokenizer = SplinterTokenizer.for_bert(cfg.from_bert)
             config = bert_config_to_splinter(cfg.from_bert)
             config.question_token_id = tokenizer.question_token_id
-            return ModelSource("bert", cfg.from_bert, config, tokenizer)
+            return ModelSource("bert", cfg.from_bert, config, tokenizer, f"--from-bert {cfg.from_bert}")
         assert cfg.config is not None
         tokenizer = _mining_tokenizer(data) or SplinterTokenizer.default()
         if cfg.config in MODEL_SIZES:
@@ -240,14 +241,14 @@ def resolve_model(cfg: PretrainConfig, data: MinedData) -> ModelSource:
             )
         else:
             config = SplinterConfig.from_json_file(cfg.config)
-        return ModelSource("config", None, config, tokenizer)
+        return ModelSource("config", None, config, tokenizer, f"--config {cfg.config}")
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
 
 
 def check_fit(data: MinedData, source: ModelSource, mined: str) -> None:
     """The mined token ids must mean to the model what they meant to the miner; one line when not."""
-    config, where = source.config, source.path or f"--config {source.kind}"
+    config, where = source.config, source.label
     hint = "mine with the model's tokenizer: `splinter mine CORPUS OUT --tokenizer MODEL_DIR`"
     if data.question_ids != {config.question_token_id}:
         found = ", ".join(str(i) for i in sorted(data.question_ids))
@@ -425,8 +426,8 @@ def run_pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> dict[
 
     _start_ray(cfg)
     cpus = _cpus_per_worker(cfg)
-    fs, root = filesystem(cfg.output)
-    storage = cfg.output if "://" in cfg.output else root
+    root = filesystem(cfg.output)[1]
+    storage = cfg.output if "://" in cfg.output else root  # Ray Train wants a URI or an absolute path
     sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
     loop_config = {
         "hparams": dataclasses.asdict(hp),
@@ -436,7 +437,7 @@ def run_pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> dict[
         "shuffle": cfg.shuffle,
         "shuffle_buffer": cfg.shuffle_buffer,
         "checkpoint_every": cfg.checkpoint_every,
-        "output": cfg.output if "://" in cfg.output else root,
+        "output": storage,
         "threads": max(1, int(cpus)),
         "run_id": json.dumps(cfg.run_fields(), sort_keys=True),
         "sink": sink,

@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -95,12 +97,41 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+class _NoTracebackEcho(logging.Filter):
+    """Ray Train prints a failing worker's traceback on the driver's console; ours goes to the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Error in training function")
+
+
 def train_worker(cfg: dict[str, Any]) -> None:
-    """The TorchTrainer `train_loop_per_worker`. `cfg` is plain data built by `pipeline.pretrain`."""
+    """The TorchTrainer `train_loop_per_worker`. `cfg` is plain data built by `pipeline.pretrain`.
+
+    A failure is recorded in trainer_log.jsonl (one line and the traceback) before it propagates:
+    the driver then prints one line naming the log, and Ray Train restarts the workers from the newest
+    checkpoint while --max-failures allows.
+    """
+    import ray.train
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray Train logs every report at INFO ("Reporting training result ..."); our log says more.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.util").addFilter(_NoTracebackEcho())
+    try:
+        _train(cfg)
+    except BaseException as exc:
+        if "://" not in cfg["output"]:
+            rank = ray.train.get_context().get_world_rank()
+            with open(f"{cfg['output']}/{LOG_NAME}", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"event": "error", "rank": rank, "error": f"{type(exc).__name__}: {exc}",
+                                    "traceback": traceback.format_exc(), "time": time.time()}) + "\n")
+        raise
+
+
+def _train(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg["threads"])

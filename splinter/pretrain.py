@@ -125,8 +125,12 @@ def question_loss_sum(
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a DistributedDataParallel (or similar `.module`) wrapper."""
-    return getattr(model, "module", model)
+    """The network inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def _distributed() -> bool:

@@ -34,7 +34,7 @@ from tests.hf_oracle import load_hf_model
 from tests.numerics import assert_close
 from tests.pretrain_data import mined_rows, write_mined_leads
 
-STEPS, EVERY = 60, 10
+STEPS, EVERY = 40, 10
 
 
 @pytest.fixture(scope="module")
