@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -114,8 +115,12 @@ def train_worker(cfg: dict[str, Any]) -> None:
     import ray.train
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Ray Train logs every report at INFO ("Reporting training result ..."); our log says more.
+    # Ray Train logs every report at INFO ("Reporting training result ...", through a logger named
+    # after its source file); trainer_log.jsonl says more, so keep the console for warnings.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
     logging.getLogger("ray.train.v2._internal.util").addFilter(_NoTracebackEcho())
     try:
         _train(cfg)

@@ -140,7 +140,8 @@ def _distributed() -> bool:
 class PretrainStep:
     """Owns the optimizer and schedule of one model; `__call__` runs one optimizer step.
 
-    `model` may be wrapped in DDP (gradients of all but the last micro-batch skip the all-reduce).
+    `model` may be wrapped in DDP (gradients of all but the last micro-batch skip the all-reduce);
+    under torch.distributed it must be, since the loss scaling counts on DDP averaging gradients.
     `autocast` (e.g. torch.bfloat16 on a GPU) runs forward passes under autocast; parameters,
     gradients and optimizer state stay fp32.
     """
@@ -151,13 +152,11 @@ class PretrainStep:
         hparams: PretrainHParams,
         device: torch.device | str = "cpu",
         autocast: torch.dtype | None = None,
-        pad_to_multiple_of: int = 1,
     ) -> None:
         self.model = model
         self.hp = hparams
         self.device = torch.device(device)
         self.autocast = autocast
-        self.pad_to_multiple_of = pad_to_multiple_of
         net = unwrap(model)
         if not isinstance(net, SplinterForPreTraining):
             raise TypeError(f"expected a SplinterForPreTraining, got {type(net).__name__}")
