@@ -65,12 +65,20 @@ def inspect_mined(mined: str) -> MinedData:
     files = sorted(i.path for i in infos if i.base_name.startswith("shard-") and i.base_name.endswith(".parquet"))
     if not files:
         raise ConfigError(f"mined data {mined} holds no shard-*.parquet files")
-    rows, max_length, sample = 0, 0, None
+    # The row count from the job's stats.json (one read, whatever the number of shards); the ids are
+    # sampled from the first shard that has rows (the workers check every batch again).
+    rows = -1
+    if fs.get_file_info(f"{root}/stats.json").type == pafs.FileType.File:
+        with fs.open_input_stream(f"{root}/stats.json") as f:
+            rows = int(json.loads(f.read()).get("rows_out", -1))
+    max_length, sample = 0, None
     for path in files:
         meta = pq.read_metadata(path, filesystem=fs)
-        rows += meta.num_rows
-        if sample is None and meta.num_rows:
+        if meta.num_rows:
             sample = pq.read_table(path, filesystem=fs, columns=["input_ids", "question_positions"])
+            break
+    if rows < 0:
+        rows = sum(pq.read_metadata(path, filesystem=fs).num_rows for path in files)
     schema = pq.read_schema(files[0], filesystem=fs)
     needed = ["input_ids", "attention_mask", "token_type_ids", "question_positions", "start_positions", "end_positions"]
     missing = [c for c in needed if c not in schema.names]
