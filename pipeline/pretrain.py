@@ -213,6 +213,12 @@ def _start_ray(cfg: PretrainConfig) -> None:
 
     from pipeline.runner import init_ray
 
+    if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        # On one machine, Ray Train's preemption watcher (spot nodes being drained) and its state
+        # actor (dashboard bookkeeping) have nothing to do; each is one more process to start (~3 s
+        # apiece on 2 cores). The controller reads these from the driver's environment.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     if ray.is_initialized() or cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         init_ray(cfg.ray_address, None)
         return
@@ -222,14 +228,33 @@ def _start_ray(cfg: PretrainConfig) -> None:
     init_ray(None, max(cores, math.ceil(cfg.num_workers * (cfg.cpus_per_worker or 1))) + 1)
 
 
+def _resume_epoch(cfg: PretrainConfig) -> int:
+    """The epoch of the newest checkpoint Ray Train registered under OUTPUT (0 for a fresh run)."""
+    fs, root = filesystem(cfg.output)
+    path = f"{root}/{RUN_NAME}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return 0
+    try:
+        latest = _read_json(fs, path).get("latest_checkpoint_result") or {}
+        return int(latest.get("metrics", {}).get("epoch", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
 def _dataset(cfg: PretrainConfig, data: MinedData) -> Any:
     import ray
 
+    from pipeline.pretrain_loop import derive_seed
+
     ds = ray.data.read_parquet(data.files, columns=data.columns)
+    # Ray Data combines the seed with its count of executions (one per epoch), which starts at 0 in
+    # every driver: a resumed run seeds with its starting epoch so it does not replay the first
+    # epochs' permutations.
+    epoch = _resume_epoch(cfg)
+    seed = cfg.seed if epoch == 0 else derive_seed(cfg.seed, "epoch", epoch)
     if cfg.shuffle == "global":
-        # A fresh permutation every epoch (the seed is combined with Ray Data's execution count).
-        return ds.random_shuffle(seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
-    return ds.randomize_block_order(seed=cfg.seed)
+        return ds.random_shuffle(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds.randomize_block_order(seed=seed)
 
 
 def _worker_error(exc: BaseException) -> str:
