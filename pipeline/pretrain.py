@@ -11,6 +11,7 @@ OUTPUT holds:
     trainer_log.jsonl              one line per step (loss, lr, questions/s, tokens/s) and events
     checkpoints/step-NNNNNNNN/     the last k checkpoints (Ray Train's storage): model + trainer state
     final/                         the model after the last step (our checkpoint format)
+    pretrain_stats.json            the run's summary: steps, tokens, loss, tokens/s, resumes, seconds
     _SUCCESS                       written last: the run is complete
 Rerunning the same command continues from the newest checkpoint (Ray Train V2 resumes a run from
 the same storage path and name) and ends at the requested total steps.
@@ -124,7 +125,8 @@ class PretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- the output dir
-OURS = ("run.json", "trainer_log.jsonl", RUN_NAME, "final", "_SUCCESS", "_final.tmp")
+STATS_NAME = "pretrain_stats.json"
+OURS = ("run.json", "trainer_log.jsonl", RUN_NAME, "final", STATS_NAME, "_SUCCESS", "_final.tmp")
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> Any:
@@ -371,7 +373,7 @@ def run_pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> dict[
 
 
 def _finish(cfg: PretrainConfig, result: Any, seconds: float) -> dict[str, Any]:
-    """Copy the last checkpoint to OUTPUT/final, then write _SUCCESS (last) with the run's summary."""
+    """Copy the last checkpoint to OUTPUT/final, write the summary, then _SUCCESS (last)."""
     from pipeline.pretrain_loop import LOG_NAME
 
     fs, root = filesystem(cfg.output)
@@ -409,12 +411,16 @@ def _finish(cfg: PretrainConfig, result: Any, seconds: float) -> dict[str, Any]:
         "tokens_per_s": round(sum(r["tokens"] for r in timed) / max(1e-9, sum(r["seconds"] for r in timed)), 1)
         if timed
         else None,
+        "final_loss": ordered[-1]["loss"] if ordered else None,
+        "tokens": sum(r["tokens"] for r in ordered),  # real tokens trained on, all workers
+        "questions": sum(r["questions"] for r in ordered),
         "resumes": sum(1 for r in lines if r.get("event") == "resume"),
         "seconds": round(seconds, 1),
         "final": cfg.output.rstrip("/") + "/final",
         "checkpoints": cfg.output.rstrip("/") + "/" + RUN_NAME,
         "log": cfg.output.rstrip("/") + "/" + LOG_NAME,
     }
+    _write_json(fs, f"{root}/{STATS_NAME}", summary)
     _write_json(fs, f"{root}/_SUCCESS", summary)
     return summary
 

@@ -122,6 +122,8 @@ def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
     assert [r["step"] for r in after if "loss" in r] == list(range(resume["step"] + 1, STEPS + 1))
     assert summary["steps"] == STEPS and summary["resumes"] == 1
     assert (out / "_SUCCESS").is_file()
+    stats = json.loads((out / "pretrain_stats.json").read_text())
+    assert stats["steps"] == STEPS and stats["tokens"] > STEPS * 8 * 40 and stats["final_loss"] > 0
     state = json.loads((out / "final" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["hparams"]["batch_size"] == 8
     # The schedule continued: warmup then a straight decay to 0 at STEPS, whatever the restart.
