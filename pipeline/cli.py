@@ -1,6 +1,7 @@
 """`splinter` command line: the application on top of the library. Thin typer wrappers only.
 
 Every command is also a plain Python call (`pipeline.mine.run_mine`, `pipeline.extract.run_extract`,
+`pipeline.pretrain.run_pretrain`, `pipeline.finetune.run_finetune`, `pipeline.fewshot.run_fewshot`,
 `pipeline.evaluate.evaluate_files`, `splinter.bert.bert_to_splinter`, `pipeline.submit.submit`),
 so nothing here holds logic of its own. The console script `splinter` and the cluster entrypoint
 `python -m pipeline.cli` both land here.
@@ -128,6 +129,7 @@ def mine(
     max_span_length: Annotated[int | None, typer.Option(help="Longest recurring n-gram, in word pieces (default 10).")] = None,
     max_questions: Annotated[int | None, typer.Option(help="Most [QUESTION] tokens per sequence (default 30).")] = None,
     layout: Annotated[str | None, typer.Option(help="collapsed: one [QUESTION] per masked span; original: the authors' [QUESTION]+[PAD]s with position_ids.")] = None,
+    dupe_factor: Annotated[int | None, typer.Option(help="Independent passes per document, each with its own masking and chunk boundaries (default 1; the authors used 5).")] = None,
     num_workers: Annotated[int | None, typer.Option(help="Concurrent mining tasks (default: one per CPU).")] = None,
     text_column: Annotated[str | None, typer.Option(help="Text field of Parquet/JSONL records (default 'text').")] = None,
     id_column: Annotated[str | None, typer.Option(help="Document id field (default 'id'; a content hash when absent).")] = None,
@@ -147,7 +149,7 @@ def mine(
 
     cfg = _build(MineConfig, config, dict(
         input=[input], output=output, tokenizer=tokenizer, seed=seed, max_seq_length=max_seq_length,
-        max_span_length=max_span_length, max_questions=max_questions, layout=layout, num_workers=num_workers,
+        max_span_length=max_span_length, max_questions=max_questions, layout=layout, dupe_factor=dupe_factor, num_workers=num_workers,
         text_column=text_column, id_column=id_column, input_format=input_format, shard_rows=shard_rows,
         shard_bytes=shard_bytes, resume=resume, overwrite=overwrite, local=local, ray_address=address,
         num_cpus=num_cpus))
@@ -366,6 +368,56 @@ def fewshot(
     typer.echo(format_fewshot_summary(stats))
     if stats["failed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def pretrain(
+    mined: Annotated[str, typer.Argument(help="Output directory of `splinter mine` (complete: it has _SUCCESS).")],
+    output: Annotated[str, typer.Argument(help="Run directory: checkpoints, trainer_log.jsonl, final/. Rerun to resume.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Start from a Splinter checkpoint directory.")] = None,
+    from_bert: Annotated[str | None, typer.Option("--from-bert", help="Start from a BERT-family checkpoint directory (fresh QASS head).")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="Start from scratch: base, large, or a Splinter config.json.")] = None,
+    preset: Annotated[str, typer.Option(help="Defaults for the settings below: laptop (small), or authors (batch 256, lr 1e-4, 10k warmup, 2.4M steps).")] = "laptop",
+    num_workers: Annotated[int, typer.Option(help="Ray Train workers (DDP processes; one GPU each with --use-gpu).")] = 1,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu/--no-use-gpu", help="One GPU per worker: nccl, bf16 autocast.")] = False,
+    cpus_per_worker: Annotated[float | None, typer.Option(help="CPUs per worker (default: the cluster's CPUs less one for data, shared out).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in all (laptop 1000).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per optimizer step over all workers (laptop 32).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate (1e-4).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps, then linear decay to 0 (laptop 100).")] = None,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step on each worker (effective batch > memory).")] = 1,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (0.01; biases and norms exempt).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm (1.0; 0: none).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept (the newest).")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed for the shuffle, a fresh model or head, and dropout.")] = 0,
+    shuffle: Annotated[str, typer.Option(help="global: a seeded full shuffle every epoch; local: a per-worker buffer.")] = "global",
+    shuffle_buffer: Annotated[int, typer.Option(help="Rows in each worker's buffer with --shuffle local.")] = 10_000,
+    max_failures: Annotated[int, typer.Option(help="Restarts of failed workers from the last checkpoint.")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in OUTPUT (only the files it wrote).")] = False,
+    address: AddressOpt = None,
+    num_cpus: CpusOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pretrain Splinter by recurring span selection on mined data, with Ray Train (DDP over workers)."""
+    from pipeline.config import ConfigError
+    from pipeline.pretrain import PretrainConfig, PretrainError, format_pretrain_summary, run_pretrain
+
+    cfg = PretrainConfig(
+        mined=mined, output=output, model=model, from_bert=from_bert, config=config, preset=preset,
+        num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_steps=max_steps,
+        batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps, grad_accum=grad_accum,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+        max_failures=max_failures, overwrite=overwrite, ray_address=address, num_cpus=num_cpus)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        stats = run_pretrain(cfg, progress=_progress(quiet))
+    except ConfigError as exc:
+        _fail(str(exc))
+    except PretrainError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(format_pretrain_summary(stats))
 
 
 @app.command(

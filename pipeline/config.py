@@ -119,6 +119,8 @@ class MineConfig(RunConfig):
     max_span_length: int = 10
     max_questions: int = 30
     layout: str = "collapsed"
+    # Independent passes over every document (own masking, own chunk boundaries); the authors used 5.
+    dupe_factor: int = 1
     num_workers: int | None = None
     batch_size: int = 256  # documents per stage call: bigger batches amortise the vectorised search
 
@@ -134,6 +136,8 @@ class MineConfig(RunConfig):
             raise ConfigError(f"max_span_length must be in [1, 64], got {self.max_span_length}")
         if self.max_questions < 1:
             raise ConfigError(f"max_questions must be >= 1, got {self.max_questions}")
+        if not 1 <= self.dupe_factor <= 100:
+            raise ConfigError(f"dupe_factor must be in [1, 100], got {self.dupe_factor}")
         if self.num_workers is not None and self.num_workers < 1:
             raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.batch_size < 1:

@@ -45,6 +45,7 @@ def mining_spec(cfg: MineConfig) -> JobSpec:
         "max_span_length": cfg.max_span_length,
         "max_questions": cfg.max_questions,
         "layout": cfg.layout,
+        "dupe_factor": cfg.dupe_factor,
     }
     base = RecurringSpanMiner.resources
     res = Resources(num_cpus=base.num_cpus, batch_size=cfg.batch_size, tasks=cfg.num_workers or 0)
@@ -64,6 +65,7 @@ def run_mine(cfg: MineConfig, progress: Progress | None = None) -> dict[str, Any
     """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
     stats = run_config(cfg, lambda: mining_spec(cfg), progress)
     stats["top_ngrams"] = top_k(stats.get("top_ngrams", {}), 50)
+    stats["dupe_factor"] = cfg.dupe_factor
     return stats
 
 
@@ -76,6 +78,7 @@ def format_mining_summary(stats: dict[str, Any]) -> str:
     for reason, n in sorted(stats.get("skipped", {}).items()):
         lines.append(f"{'  skipped: ' + reason:<28}{n:>12,}")
     lines += [
+        f"{'duplication passes':<28}{stats.get('dupe_factor', 1):>12,}",
         f"{'sequences (rows out)':<28}{seqs:>12,}",
         f"{'tokens':<28}{stats.get('tokens', 0):>12,}",
         f"{'questions':<28}{stats.get('questions', 0):>12,}",

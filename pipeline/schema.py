@@ -11,7 +11,10 @@ def mining_schema(layout: str = "collapsed") -> pa.Schema:
     """One row per pretraining sequence; feeds SplinterForPreTraining after padding (splinter.collate)."""
     fields = [
         pa.field("doc_id", pa.string(), nullable=False),
+        # A document's rows in order, 0, 1, ... across all its duplication passes (so == 0 once per document).
         pa.field("seq_index", pa.int32(), nullable=False),
+        # The duplication pass (--dupe-factor N: 0..N-1) that produced the row.
+        pa.field("dupe_index", pa.int32(), nullable=False),
         pa.field("input_ids", _I32_LIST, nullable=False),
         pa.field("attention_mask", _I32_LIST, nullable=False),
         pa.field("token_type_ids", _I32_LIST, nullable=False),

@@ -27,8 +27,9 @@ def _rows(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> li
     return list(rows)
 
 
-def _pad(values: list[np.ndarray]) -> torch.Tensor:
+def _pad(values: list[np.ndarray], multiple: int = 1) -> torch.Tensor:
     width = max((len(v) for v in values), default=0)
+    width = -(-width // multiple) * multiple  # round up: tensor cores like multiples of 8
     out = np.zeros((len(values), width), dtype=np.int64)
     for i, v in enumerate(values):
         out[i, : len(v)] = v
@@ -37,13 +38,15 @@ def _pad(values: list[np.ndarray]) -> torch.Tensor:
 
 def collate_pretraining(
     rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
+    pad_to_multiple_of: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Mined rows (a list of dicts, or a dict of columns) -> int64 tensors padded to the batch max.
 
     Returns input_ids, attention_mask, token_type_ids (and position_ids when the rows carry them,
     i.e. layout "original"), all (B, S), and question_positions, start_positions, end_positions,
     all (B, Q), ready for `SplinterForPreTraining(**batch)`. Skip rows (no tokens) are refused:
-    filter on `skip_reason == ""` first.
+    filter on `skip_reason == ""` first. `pad_to_multiple_of` rounds the token width up (the
+    question width stays the batch max).
     """
     rows = _rows(rows)
     if not rows:
@@ -65,4 +68,8 @@ def collate_pretraining(
         for name in group:
             if name in columns and [len(v) for v in columns[name]] != sizes:
                 raise ValueError(f"{name} and {lead} differ in length in some row")
-    return {name: _pad(values) for name, values in columns.items()}
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    return {
+        name: _pad(values, pad_to_multiple_of if name in TOKEN_COLUMNS else 1) for name, values in columns.items()
+    }

@@ -116,10 +116,13 @@ def test_check_entrypoint_catches_mistakes() -> None:
         "python -m jobs.extract in out --no-such-flag",
         "python train.py",
         "splinter submit --address http://h:8265 -- mine in out --bogus",
+        "splinter submit -- pretrain mined out --num-workerz 2",
+        "splinter pretrain only-mined",
     ):
         with pytest.raises((AssertionError, pytest.fail.Exception)):
             check_entrypoint(bad)
     check_entrypoint("splinter submit --address http://h:8265 --no-wait -- mine in out --seed 3")
+    check_entrypoint("splinter submit -- pretrain mined out --from-bert /models/bert --num-workers 2 --use-gpu")
 
 
 # ---------------------------------------------------------------------------------- the manifests
@@ -158,7 +161,7 @@ def test_kinds_and_api_versions() -> None:
             else:
                 assert doc["apiVersion"] == "v1" and doc["kind"] == "PersistentVolumeClaim", path
             kinds.setdefault(doc["kind"], []).append(doc["metadata"]["name"])
-    assert len(kinds["RayCluster"]) == 1 and len(kinds["RayJob"]) == 2
+    assert len(kinds["RayCluster"]) == 1 and len(kinds["RayJob"]) == 3
     names = [n for group in kinds.values() for n in group]
     assert len(names) == len(set(names)), f"duplicate object names: {names}"
 
@@ -243,9 +246,11 @@ def test_rayjob(job: dict) -> None:
     validate_runtime_env(runtime_env)
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
     cluster = spec["rayClusterSpec"]
-    if "--model" in argv:
-        # The checkpoint must be mounted where the driver (head) and the model actors (GPU pods) run.
-        model = Path(argv[argv.index("--model") + 1])
+    for flag in ("--model", "--from-bert"):
+        if flag not in argv:
+            continue
+        # The checkpoint must be mounted where the driver (head) and the model actors/workers (GPU pods) run.
+        model = Path(argv[argv.index(flag) + 1])
         pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
         for group in pods:
             mounts = [
@@ -254,17 +259,28 @@ def test_rayjob(job: dict) -> None:
                 for m in c.get("volumeMounts", [])
             ]
             assert any(model.is_relative_to(m) for m in mounts), f"{model} is not mounted in every pod"
+    gpus = sum(
+        g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in cluster["workerGroupSpecs"]
+    )
     if "--num-actors" in argv:
         actors = int(argv[argv.index("--num-actors") + 1])
-        gpus = sum(
-            g["maxReplicas"]
-            * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        assert 1 <= actors <= gpus, f"{actors} model actors but at most {gpus} GPUs"
+    if "--use-gpu" in argv:
+        # Ray Train places every worker at once (a placement group): the GPUs must exist at start.
+        workers = int(argv[argv.index("--num-workers") + 1]) if "--num-workers" in argv else 1
+        ready = sum(
+            g["minReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
             for g in cluster["workerGroupSpecs"]
         )
-        assert 1 <= actors <= gpus, f"{actors} model actors but at most {gpus} GPUs"
+        assert 1 <= workers <= ready <= gpus, f"{workers} GPU workers, {ready} GPUs guaranteed at start"
+        cpus = float(argv[argv.index("--cpus-per-worker") + 1]) if "--cpus-per-worker" in argv else 1.0
+        for g in cluster["workerGroupSpecs"]:
+            limit = quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+            assert cpus < limit, f"--cpus-per-worker {cpus} leaves no CPU for reading data in a {limit}-CPU pod"
 
 
-def test_rayjobs_cover_both_jobs() -> None:
+def test_rayjobs_cover_every_job() -> None:
     jobs = set()
     for job in rayjobs():
         argv = shlex.split(job["spec"]["entrypoint"])
@@ -274,7 +290,7 @@ def test_rayjobs_cover_both_jobs() -> None:
             jobs.add(argv[3])
         else:
             jobs.add(argv[2].removeprefix("jobs."))
-    assert {"mine", "extract"} <= jobs
+    assert {"mine", "extract", "pretrain"} <= jobs
 
 
 # ------------------------------------------------------------------------------ cluster launcher
@@ -337,7 +353,7 @@ def test_readme_commands_are_real() -> None:
     lines = [
         m
         for text in texts
-        for m in re.findall(r"^\s*(?:#\s*)?(splinter (?:mine|extract|submit)\b.*)$", text, re.M)
+        for m in re.findall(r"^\s*(?:#\s*)?(splinter (?:mine|extract|pretrain|submit)\b.*)$", text, re.M)
     ]
     assert len(lines) >= 4
     for line in lines:

@@ -6,6 +6,10 @@ these documented differences:
 * Randomness is per document, from `(seed, dupe_index, doc_id)` through blake2b, so output does
   not depend on batch boundaries, worker count or document order (the authors used one global
   unseeded numpy RNG).
+* `dupe_factor` N mines every document N times (the authors' duplication passes: their own
+  chunk boundaries for documents of >= 10 lines, their own masking always). A document's rows are
+  emitted together, pass by pass, so they sit next to each other in the output: a trainer must
+  shuffle them.
 * A line longer than `max_seq_length - 2` tokens is split at word starts into several lines
   instead of being truncated (the authors dropped the rest of it).
 * Sequences that end up with no question are dropped: they carry no pretraining signal, and a
@@ -18,8 +22,10 @@ these documented differences:
   the attention mask.
 * An occurrence overlapping its cluster's visible occurrence is never masked (see
   `pipeline.spans.mask_clusters`).
-* Documents are capped at `max_doc_chars` characters (cut at a whitespace) so one pathological
-  input cannot stall a worker; 1M characters is far above any Wikipedia article's plain text.
+* A document longer than `max_doc_chars` characters is mined in consecutive pieces of at most that
+  many characters (cut at a line break, else at a space), each packed on its own: nothing is cut
+  away, and no single tokenizer call or packing loop sees more than one piece. Piece 0 uses the
+  document's random stream; later pieces get their own, derived from the piece number.
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ class RecurringSpanMiner:
 
     Output columns (all object arrays hold 1-D numpy arrays, int32 unless noted):
     `_source` int64 (input row), `skip_reason` str ("" for sequences), `doc_id` str, `seq_index`
-    int32 (0, 1, ... over the document's emitted sequences; -1 on skip rows), `input_ids`, `attention_mask`,
+    int32 (0, 1, ... over all the document's emitted rows, across passes; -1 on skip rows),
+    `dupe_index` int32 (the duplication pass, 0..dupe_factor-1; -1 on skip rows), `input_ids`, `attention_mask`,
     `token_type_ids` (zeros), `question_positions`, `start_positions`, `end_positions`,
     `masked_spans` (object array of Python lists of str, one per question: Arrow list<string>),
     `position_ids` (layout "original" only), `num_tokens` int32, `num_questions` int32.
@@ -123,7 +130,7 @@ class RecurringSpanMiner:
         max_questions: int = 30,
         layout: str = "collapsed",
         mask_prob: float = 0.15,
-        dupe_index: int = 0,
+        dupe_factor: int = 1,
         min_doc_tokens: int = 8,
         max_doc_chars: int = 1_000_000,
     ) -> None:
@@ -135,15 +142,15 @@ class RecurringSpanMiner:
             raise ValueError("max_span_length and max_questions must be >= 1")
         if not 0.0 < mask_prob <= 1.0:
             raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
-        if dupe_index < 0 or min_doc_tokens < 0 or max_doc_chars < 1:
-            raise ValueError("dupe_index and min_doc_tokens must be >= 0, max_doc_chars >= 1")
+        if dupe_factor < 1 or min_doc_tokens < 0 or max_doc_chars < 1:
+            raise ValueError("dupe_factor must be >= 1, min_doc_tokens >= 0, max_doc_chars >= 1")
         self.seed = int(seed)
         self.max_seq_length = int(max_seq_length)
         self.max_span_length = int(max_span_length)
         self.max_questions = int(max_questions)
         self.layout = layout
         self.mask_prob = float(mask_prob)
-        self.dupe_index = int(dupe_index)
+        self.dupe_factor = int(dupe_factor)
         self.min_doc_tokens = int(min_doc_tokens)
         self.max_doc_chars = int(max_doc_chars)
 
@@ -168,9 +175,6 @@ class RecurringSpanMiner:
                 return "", "not_text"
         if not isinstance(text, str):
             return "", "not_text"  # None, NaN from a pandas round trip, numbers...
-        if len(text) > self.max_doc_chars:
-            cut = text.rfind(" ", self.max_doc_chars - 1000, self.max_doc_chars)
-            text = text[: cut if cut > 0 else self.max_doc_chars]
         if not text or text.isspace():
             return "", "empty"
         try:
@@ -208,8 +212,30 @@ class RecurringSpanMiner:
                     out.append(None)
             return out
 
-    def chunk(self, segments: list[list[int]]) -> list[list[int]]:
-        """A document's lines -> `[CLS] ... [SEP]` sequences of at most max_seq_length tokens."""
+    def split_text(self, text: str) -> list[str]:
+        """A document as pieces of at most max_doc_chars characters, cut at a line break (else a space).
+
+        The pieces concatenate back to the text, so nothing is lost; every piece is mined.
+        """
+        cap = self.max_doc_chars
+        pieces: list[str] = []
+        start = 0
+        while len(text) - start > cap:
+            end = start + cap
+            cut = text.rfind("\n", start + cap // 2, end)
+            if cut < 0:
+                cut = text.rfind(" ", start + cap // 2, end)
+            cut = end if cut < 0 else cut + 1
+            pieces.append(text[start:cut])
+            start = cut
+        pieces.append(text[start:])
+        return pieces
+
+    def chunk(self, segments: list[list[int]], dupe_index: int = 0) -> list[list[int]]:
+        """A document's lines -> `[CLS] ... [SEP]` sequences of at most max_seq_length tokens.
+
+        `dupe_index` is the duplication pass: documents of >= 10 lines break before that line too.
+        """
         budget = self.max_seq_length - 2
         pieces: list[list[int]] = []
         for segment in segments:
@@ -218,12 +244,15 @@ class RecurringSpanMiner:
             else:
                 pieces.append(segment)
         return [
-            [self.cls_id, *chunk, self.sep_id] for chunk in pack_segments(pieces, budget, self.dupe_index)
+            [self.cls_id, *chunk, self.sep_id] for chunk in pack_segments(pieces, budget, dupe_index)
         ]
 
-    def doc_rng(self, doc_id: str) -> np.random.Generator:
-        """The document's own random stream: a stable hash, never Python's salted hash()."""
-        material = f"{self.seed}\x1f{self.dupe_index}\x1f{doc_id}".encode("utf-8", "surrogatepass")
+    def doc_rng(self, doc_id: str, dupe_index: int = 0, piece: int = 0) -> np.random.Generator:
+        """The random stream of one pass over one document piece: a stable hash, never Python's salted hash()."""
+        material = f"{self.seed}\x1f{dupe_index}\x1f{doc_id}"
+        if piece:
+            material += f"\x1f{piece}"
+        material = material.encode("utf-8", "surrogatepass")
         return np.random.default_rng(
             int.from_bytes(hashlib.blake2b(material, digest_size=16).digest(), "little")
         )
@@ -255,42 +284,80 @@ class RecurringSpanMiner:
                 usable.append(i)
                 usable_texts.append(text)
 
-        # Sequences of all usable documents, back to back.
-        seq_doc: list[int] = []
-        sequences: list[list[int]] = []
-        for i, segments in zip(usable, self._tokenize_guarded(usable_texts), strict=True):
-            if segments is None:
+        # Sequences of all usable documents, back to back: per document, pass by pass, piece by piece.
+        # A pass whose chunks equal pass 0's (every document under 10 lines) reuses pass 0's cluster
+        # search: only the masking differs.
+        piece_doc: list[int] = []
+        piece_texts: list[str] = []
+        for i, text in zip(usable, usable_texts, strict=True):
+            for piece in self.split_text(text):
+                piece_doc.append(i)
+                piece_texts.append(piece)
+        doc_pieces: dict[int, list[list[list[int]] | None]] = {}
+        for i, segments in zip(piece_doc, self._tokenize_guarded(piece_texts), strict=True):
+            doc_pieces.setdefault(i, []).append(segments)
+        unique: list[list[int]] = []  # sequences the cluster search sees
+        seq_doc: list[int] = []  # per emitted sequence: its document,
+        seq_dupe: list[int] = []  # its pass,
+        seq_piece: list[int] = []  # its piece,
+        seq_uniq: list[int] = []  # and its entry in `unique`
+        for i in usable:
+            pieces = doc_pieces[i]
+            if any(p is None for p in pieces):
                 reasons[i] = "not_text"
                 continue
-            if sum(len(s) for s in segments) < max(self.min_doc_tokens, 1):
+            if sum(len(seg) for p in pieces for seg in p) < max(self.min_doc_tokens, 1):
                 reasons[i] = "too_short"
                 continue
-            for seq in self.chunk(segments):
-                sequences.append(seq)
-                seq_doc.append(i)
-        seq_len = [len(s) for s in sequences]
+            first_pass: list[tuple[list[list[int]], int]] = []
+            for d in range(self.dupe_factor):
+                for k, segments in enumerate(pieces):
+                    chunks = self.chunk(segments, d)
+                    if d and chunks == first_pass[k][0]:
+                        refs = range(first_pass[k][1], first_pass[k][1] + len(chunks))
+                    else:
+                        refs = range(len(unique), len(unique) + len(chunks))
+                        unique.extend(chunks)
+                    if d == 0:
+                        first_pass.append((chunks, refs.start))
+                    for u in refs:
+                        seq_doc.append(i)
+                        seq_dupe.append(d)
+                        seq_piece.append(k)
+                        seq_uniq.append(u)
+        uniq_offsets = np.zeros(len(unique) + 1, dtype=np.int64)
+        np.cumsum([len(u) for u in unique], out=uniq_offsets[1:])
+        clusters = find_span_clusters(
+            np.fromiter((t for u in unique for t in u), dtype=np.int64, count=int(uniq_offsets[-1])),
+            uniq_offsets,
+            self.tables,
+            self.max_span_length,
+        )
+        sequences = [unique[u] for u in seq_uniq]
+        seq_len = [len(seq) for seq in sequences]
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(seq_len, out=offsets[1:])
-        flat_list = [t for s in sequences for t in s]
+        flat_list = [t for seq in sequences for t in seq]
         flat = np.array(flat_list, dtype=np.int64)
-        clusters = find_span_clusters(flat, offsets, self.tables, self.max_span_length)
 
-        # Masking, sequentially per document with its own generator.
+        # Masking, sequentially per (document, pass, piece) with its own generator.
         q_seq: list[int] = []
         q_pos: list[int] = []
         q_len: list[int] = []
         q_start: list[int] = []
         q_end: list[int] = []
         rng: np.random.Generator | None = None
-        for s, i in enumerate(seq_doc):
-            if s == 0 or seq_doc[s - 1] != i:
-                rng = self.doc_rng(doc_ids[i])
+        key: tuple[int, int, int] | None = None
+        for s, u in enumerate(seq_uniq):
+            if (seq_doc[s], seq_dupe[s], seq_piece[s]) != key:
+                key = (seq_doc[s], seq_dupe[s], seq_piece[s])
+                rng = self.doc_rng(doc_ids[key[0]], key[1], key[2])
             assert rng is not None
-            count = clusters.count(s)
+            count = clusters.count(u)
             order = rng.permutation(count)
             choice = rng.random(count)
             budget = question_budget(seq_len[s], self.max_questions, self.mask_prob)
-            for pos, span_len, start, end in mask_clusters(clusters, s, budget, order, choice):
+            for pos, span_len, start, end in mask_clusters(clusters, u, budget, order, choice):
                 q_seq.append(s)
                 q_pos.append(pos)
                 q_len.append(span_len)
@@ -301,6 +368,7 @@ class RecurringSpanMiner:
             doc_ids=doc_ids,
             reasons=reasons,
             seq_doc=seq_doc,
+            seq_dupe=seq_dupe,
             flat=flat,
             flat_list=flat_list,
             offsets=offsets,
@@ -314,6 +382,7 @@ class RecurringSpanMiner:
         doc_ids: list[str],
         reasons: list[str],
         seq_doc: list[int],
+        seq_dupe: list[int],
         flat: np.ndarray,
         flat_list: list[int],
         offsets: np.ndarray,
@@ -370,6 +439,7 @@ class RecurringSpanMiner:
                 "skip_reason",
                 "doc_id",
                 "seq_index",
+                "dupe_index",
                 "input_ids",
                 "attention_mask",
                 "token_type_ids",
@@ -389,7 +459,7 @@ class RecurringSpanMiner:
             if not rows:
                 reason = reasons[i] or "no_recurring_spans"
                 values: dict[str, Any] = {"_source": i, "skip_reason": reason, "doc_id": doc_ids[i]}
-                values.update(seq_index=-1, num_tokens=0, num_questions=0, masked_spans=[])
+                values.update(seq_index=-1, dupe_index=-1, num_tokens=0, num_questions=0, masked_spans=[])
                 for name in cols:
                     if name not in values:
                         values[name] = empty
@@ -402,7 +472,8 @@ class RecurringSpanMiner:
                 cols["_source"].append(i)
                 cols["skip_reason"].append("")
                 cols["doc_id"].append(doc_ids[i])
-                cols["seq_index"].append(k)  # dense, so seq_index == 0 counts used documents
+                cols["seq_index"].append(k)  # dense over all passes, so seq_index == 0 counts used documents
+                cols["dupe_index"].append(seq_dupe[s])
                 cols["input_ids"].append(out_ids[a:b])
                 cols["attention_mask"].append(attention[a:b])
                 cols["token_type_ids"].append(types[a:b])
@@ -417,6 +488,7 @@ class RecurringSpanMiner:
         out: dict[str, np.ndarray] = {
             "_source": np.asarray(cols.pop("_source"), dtype=np.int64),
             "seq_index": np.asarray(cols.pop("seq_index"), dtype=_INT32),
+            "dupe_index": np.asarray(cols.pop("dupe_index"), dtype=_INT32),
             "num_tokens": np.asarray(cols.pop("num_tokens"), dtype=_INT32),
             "num_questions": np.asarray(cols.pop("num_questions"), dtype=_INT32),
         }

@@ -1,0 +1,158 @@
+"""`splinter pretrain` on Ray Train: real mined Wikipedia text, a tiny model, 2 CPU workers (DDP).
+
+One run is started as a real `splinter pretrain` process with its own embedded Ray and its driver is
+killed (SIGKILL) once a checkpoint is registered; the same command is then rerun (here, on the test
+session's Ray): it resumes from that checkpoint, says so in the log, finishes with the requested total
+steps, the loss falls, and the final model loads in transformers with outputs equal to ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import MineConfig
+from pipeline.mine import run_mine
+from pipeline.pretrain import PretrainConfig, run_pretrain
+from splinter.checkpoint import load_pretrained
+from splinter.collate import collate_pretraining
+from splinter.config import SplinterConfig
+from splinter.model import SplinterForPreTraining
+from tests.conftest import ROOT
+from tests.hf_oracle import load_hf_model
+from tests.numerics import assert_close
+from tests.pretrain_data import mined_rows, write_mined_leads
+
+STEPS, EVERY = 40, 10
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory) -> Path:
+    """~600 mined sequences of 128 tokens from 700 real Wikipedia leads (no Ray: the local engine)."""
+    root = tmp_path_factory.mktemp("mined")
+    docs = write_mined_leads(root / "docs.jsonl", 700)
+    stats = run_mine(MineConfig(input=[str(docs)], output=str(root / "out"), local=True, max_seq_length=128))
+    assert stats["sequences"] > STEPS * 8 // 2  # one epoch covers most of the run
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny model config over the bundled cased vocabulary the data was mined with."""
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(SplinterConfig.tiny(vocab_size=28996, max_position_embeddings=128).to_json_string())
+    return path
+
+
+def _args(mined: Path, out: Path, tiny: Path) -> list[str]:
+    return [
+        "pretrain", str(mined), str(out), "--config", str(tiny), "--num-workers", "2", "--max-steps", str(STEPS),
+        "--batch-size", "8", "--checkpoint-every", str(EVERY), "--learning-rate", "3e-3", "--warmup-steps", "5",
+        "--seed", "1",
+    ]  # fmt: skip
+
+
+def _log(out: Path) -> list[dict]:
+    path = out / "trainer_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _registered_step(out: Path) -> int:
+    """The newest checkpoint Ray Train has registered (what a rerun resumes from), 0 if none."""
+    path = out / "checkpoints" / "checkpoint_manager_snapshot.json"
+    try:
+        snapshot = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int(latest.get("metrics", {}).get("step", 0))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver, then whatever is left of the Ray it started (its own process group)."""
+    proc.kill()
+    proc.wait(timeout=30)
+    time.sleep(1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *_args(mined, out, tiny), "--num-cpus", "2", "-q"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while _registered_step(out) < EVERY:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.1)
+    finally:
+        _kill_group(proc)
+    killed_at = max((r["step"] for r in _log(out) if "loss" in r), default=0)
+    assert EVERY <= killed_at < STEPS, "the driver must die mid-run"
+    assert not (out / "_SUCCESS").exists() and not (out / "final").exists()
+
+    # The same command again (on this session's Ray): it continues from the registered checkpoint.
+    cfg = PretrainConfig(
+        mined=str(mined), output=str(out), config=str(tiny), num_workers=2, max_steps=STEPS, batch_size=8,
+        checkpoint_every=EVERY, learning_rate=3e-3, warmup_steps=5, seed=1,
+    )  # fmt: skip
+    summary = run_pretrain(cfg)
+    log = _log(out)
+    (resume,) = [r for r in log if r.get("event") == "resume"]
+    assert resume["step"] >= EVERY and resume["step"] % EVERY == 0
+    assert resume["checkpoint"].endswith(f"step-{resume['step']:08d}")
+    after = log[log.index(resume) + 1 :]
+    assert [r["step"] for r in after if "loss" in r] == list(range(resume["step"] + 1, STEPS + 1))
+    assert summary["steps"] == STEPS and summary["resumes"] == 1
+    assert (out / "_SUCCESS").is_file()
+    stats = json.loads((out / "pretrain_stats.json").read_text())
+    assert stats["steps"] == STEPS and stats["tokens"] > STEPS * 8 * 40 and stats["final_loss"] > 0
+    state = json.loads((out / "final" / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["hparams"]["batch_size"] == 8
+    # The schedule continued: warmup then a straight decay to 0 at STEPS, whatever the restart.
+    lr = {r["step"]: r["lr"] for r in log if "loss" in r}
+    assert lr[1] == 0.0 and lr[5] == pytest.approx(2.4e-3) and lr[STEPS] == pytest.approx(3e-3 / (STEPS - 5))
+    # Ray Train keeps the newest checkpoints only.
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept == [f"step-{STEPS - EVERY:08d}", f"step-{STEPS:08d}"]
+
+    # The loss falls: the last steps against the first ones (every step's last record counts).
+    losses = {r["step"]: r["loss"] for r in log if "loss" in r}
+    first = sum(losses[s] for s in range(1, 9)) / 8
+    last = sum(losses[s] for s in range(STEPS - 7, STEPS + 1)) / 8
+    assert last < first - 0.3, (first, last)
+    assert all(r["tokens_per_s"] > 0 and r["questions"] > 0 for r in log if "loss" in r)
+
+    # The final model is an ordinary checkpoint: transformers loads it and agrees with ours.
+    rows = mined_rows("collapsed", count=4, max_seq_length=128, start=300)
+    batch = collate_pretraining(rows)
+    ours = load_pretrained(SplinterForPreTraining, out / "final")
+    hf = load_hf_model("pretraining", out / "final")
+    with torch.no_grad():
+        a, b = ours(**batch), hf(**batch)
+    assert_close(a.start_logits, b.start_logits, tol=1e-5)
+    assert_close(a.end_logits, b.end_logits, tol=1e-5)
+    assert_close(a.loss, b.loss, tol=1e-5)
+
+    # A third run of the same command has nothing to do; other settings are refused in one line.
+    again = CliRunner().invoke(app, _args(mined, out, tiny))
+    assert again.exit_code == 0 and "already complete" in again.output
+    other = CliRunner().invoke(app, [*_args(mined, out, tiny)[:-2], "--seed", "2"])
+    assert other.exit_code == 2 and "other settings (seed: 1 there, 2 now)" in other.output
