@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--pretrain-lr", type=float, default=1e-4, help="pretraining peak learning rate")
     ap.add_argument("--finetune-steps", type=int, default=None,
                     help="exact fine-tuning steps (default: the authors' rule, 10 epochs but >= 200; quick 40)")
+    ap.add_argument("--finetune-max-length", type=int, default=None,
+                    help="fine-tuning/evaluation window length (default 384, the authors'; quick 256)")
     ap.add_argument("--cpus-per-run", type=int, default=1, help="CPUs (and threads) per fine-tuning run")
     args = ap.parse_args()
     q = args.quick
@@ -112,6 +114,7 @@ def main() -> None:
     steps = args.pretrain_steps or (40 if q else 600)
     batch = args.pretrain_batch or (16 if q else 32)
     finetune_steps = args.finetune_steps or (40 if q else None)
+    max_length = args.finetune_max_length or (256 if q else 384)
 
     work = (ROOT / args.work) if not os.path.isabs(args.work) else Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -143,7 +146,7 @@ def main() -> None:
     final = pretrained / "final"
 
     common = ["--examples", examples, "--seeds", seeds, "--eval-examples", str(eval_examples),
-              "--cpus-per-run", str(args.cpus_per_run), "-q"]
+              "--max-length", str(max_length), "--cpus-per-run", str(args.cpus_per_run), "-q"]
     if finetune_steps:
         common += ["--max-steps", str(finetune_steps)]
     arms = {"from_bert": base, "pretrained": final}
@@ -174,14 +177,16 @@ def main() -> None:
         "documents": n_docs, "dupe_factor": dupe, "sequences": mined_stats.get("sequences"),
         "questions": mined_stats.get("questions"), "steps": pretrain_stats.get("steps"),
         "batch_size": batch, "max_seq_length": args.max_seq_length,
-        "tokens_seen": pretrain_stats.get("tokens"), "pretrain_seconds": round(seconds["pretrain"], 1),
-        "final_loss": pretrain_stats.get("final_loss"),
+        # The run's own clock: a rerun of a finished experiment skips pretraining and must not report ~0 s.
+        "tokens_seen": pretrain_stats.get("tokens"), "pretrain_seconds": pretrain_stats.get("seconds"),
+        "first_loss": pretrain_stats.get("first_loss"), "last_loss": pretrain_stats.get("last_loss"),
     }
     print(f"pretraining cost: {cost['steps']} steps x {batch} sequences of <= {args.max_seq_length} tokens "
-          f"({cost['tokens_seen']} tokens) in {cost['pretrain_seconds'] / 60:.1f} min on this machine; mined "
-          f"{cost['sequences']} sequences / {cost['questions']} questions from {n_docs} leads x {dupe} passes")
+          f"({cost['tokens_seen']} tokens) in {(cost['pretrain_seconds'] or 0) / 60:.1f} min on this machine, "
+          f"loss {cost['first_loss']} -> {cost['last_loss']}; mined {cost['sequences']} sequences / "
+          f"{cost['questions']} questions from {n_docs} leads x {dupe} passes")
     print(json.dumps({"benchmark": "fewshot_experiment", "quick": q, "examples": ks, "seeds": seeds,
-                      "eval_examples": eval_examples, "finetune_steps": finetune_steps or "authors (>=200)",
+                      "eval_examples": eval_examples, "finetune_steps": finetune_steps or "authors (>=200)", "finetune_max_length": max_length,
                       "f1": table, "pretraining": cost,
                       "seconds": {k: round(v, 1) for k, v in seconds.items()}}))
 
