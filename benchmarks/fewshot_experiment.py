@@ -178,7 +178,7 @@ def main() -> None:
     cost = {
         "documents": n_docs, "dupe_factor": dupe, "sequences": mined_stats.get("sequences"),
         "questions": mined_stats.get("questions"), "steps": pretrain_stats.get("steps"),
-        "batch_size": batch, "max_seq_length": args.max_seq_length, "workers": args.pretrain_workers,
+        "batch_size": batch, "max_seq_length": args.max_seq_length, "workers_flag": args.pretrain_workers,
         # The run's own clock: a rerun of a finished experiment skips pretraining and must not report ~0 s.
         "tokens_seen": pretrain_stats.get("tokens"), "pretrain_seconds": pretrain_stats.get("seconds"),
         "first_loss": pretrain_stats.get("first_loss"), "last_loss": pretrain_stats.get("last_loss"),
