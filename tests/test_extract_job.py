@@ -82,8 +82,8 @@ def test_ray_matches_local_on_real_squad(tmp_path, tiny_qa_model, ray_session):
 def test_config_errors_are_clear(tmp_path, tiny_qa_model):
     with pytest.raises(ConfigError, match="model directory not found"):
         ExtractConfig(input=[str(SQUAD)], output=str(tmp_path / "o"), model=str(tmp_path / "nope")).validate()
-    with pytest.raises(ConfigError, match="stride"):
-        ExtractConfig(input=[str(SQUAD)], output="o", model=str(tiny_qa_model), stride=300).validate()
+    with pytest.raises(ConfigError, match=r"--stride must be in \[0, 315\)"):
+        ExtractConfig(input=[str(SQUAD)], output="o", model=str(tiny_qa_model), stride=315).validate()  # room: 384 - 64 - 5
     with pytest.raises(ConfigError, match="input not found"):
         ExtractConfig(input=[str(tmp_path / "missing.jsonl")], output="o", model=str(tiny_qa_model)).validate()
 
