@@ -240,13 +240,10 @@ class ExtractConfig(RunConfig):
                 f"--max-length {self.max_length} leaves no room for context: a window holds up to "
                 f"{self.max_query_length} question tokens (max_query_length) and {PAIR_SPECIAL_TOKENS} template "
                 "tokens; raise --max-length")
-        # Each window must bring at least one new context token; the training windows use the same rule.
-        limit = room
-        if not 0 <= self.stride < limit:
-            raise ConfigError(
-                f"--stride must be in [0, {limit}) for --max-length {self.max_length} (a window holds up to "
-                f"{self.max_query_length} question tokens and {PAIR_SPECIAL_TOKENS} template tokens, leaving "
-                f"{room} for context), got {self.stride}")
+        from splinter.windows import stride_error  # here: `import pipeline.config` stays light
+
+        if error := stride_error(self.max_length, self.stride, self.max_query_length):
+            raise ConfigError("--" + error.replace("max_length ", "--max-length "))
         if self.max_answer_length < 1 or self.n_best < 0 or self.max_context_chars < 1:
             raise ConfigError("max_answer_length and max_context_chars must be >= 1, n_best >= 0")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -36,7 +36,8 @@ from splinter.qa_data import (
     length_grouped_batches,
     padding_waste,
 )
-from splinter.tokenizer import PAIR_SPECIAL_TOKENS, SplinterTokenizer
+from splinter.tokenizer import SplinterTokenizer
+from splinter.windows import stride_error
 
 __all__ = [
     "FinetuneConfig",
@@ -93,14 +94,9 @@ class FinetuneConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.adam_eps <= 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0, adam_eps > 0")
-        # The same rule as the QA job's windows (pipeline.config.ExtractConfig), so a run that trains can
-        # also be answered with its own settings (fewshot does both in one task).
-        room = self.max_length - self.max_query_length - PAIR_SPECIAL_TOKENS
-        if not 0 <= self.stride < room:
-            raise ValueError(
-                f"stride must be in [0, {max(room, 0)}) for max_length {self.max_length} (a window holds up to "
-                f"{self.max_query_length} question tokens and {PAIR_SPECIAL_TOKENS} template tokens, leaving "
-                f"{room} for context), got {self.stride}: lower --stride or raise --max-length")
+        # The QA job's rule too, so a run that trains can also be answered with its own settings.
+        if error := stride_error(self.max_length, self.stride, self.max_query_length):
+            raise ValueError(f"{error}: lower --stride or raise --max-length")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 

@@ -16,7 +16,19 @@ from tokenizers import Encoding
 from splinter.encoding import check_text_list, run_backend
 from splinter.tokenizer import PAIR_SPECIAL_TOKENS, SplinterTokenizer
 
-__all__ = ["encode_qa_windows"]
+__all__ = ["encode_qa_windows", "stride_error"]
+
+
+def stride_error(max_length: int, stride: int, max_query_length: int) -> str | None:
+    """Why these window settings are invalid, or None. A window holds the question (up to
+    `max_query_length` tokens), the template's tokens and the context; each window after the first must
+    bring at least one new context token. Training, the QA job and its stage all check this one rule."""
+    room = max_length - max_query_length - PAIR_SPECIAL_TOKENS
+    if 0 <= stride < room:
+        return None
+    return (f"stride must be in [0, {max(room, 0)}) for max_length {max_length} (a window holds up to "
+            f"{max_query_length} question tokens and {PAIR_SPECIAL_TOKENS} template tokens, leaving {room} for "
+            f"context), got {stride}")
 
 
 def encode_qa_windows(

@@ -44,7 +44,7 @@ from pipeline.resources import Resources
 from splinter.decode import NO_VALID_SPAN, best_spans
 from splinter.precision import quantize_int8, to_mixed_precision
 from splinter.tokenizer import SplinterTokenizer
-from splinter.windows import encode_qa_windows
+from splinter.windows import encode_qa_windows, stride_error
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ __all__ = ["QATokenize", "QAModel", "QAPostprocess"]
 
 _INPUT_COLUMNS = ("id", "question", "context")
 _PAD_MULTIPLE = 8  # tensor cores and oneDNN kernels like sequence lengths that are multiples of 8
-_PAIR_SPECIAL_TOKENS = 5  # [CLS] question [QUESTION] . [SEP] context [SEP]
 
 
 def _object_array(values: list[Any]) -> np.ndarray:
@@ -103,12 +102,8 @@ class QATokenize:
         if max_query_length < 1:
             raise ValueError(f"max_query_length must be >= 1, got {max_query_length}")
         # Checked once here so that no question in a batch can make the tokenizer reject the whole batch.
-        room = max_length - max_query_length - _PAIR_SPECIAL_TOKENS
-        if not 0 <= stride < room:
-            raise ValueError(
-                f"stride must be in [0, max_length - max_query_length - {_PAIR_SPECIAL_TOKENS}) = [0, {room}); "
-                f"got stride={stride}, max_length={max_length}, max_query_length={max_query_length}"
-            )
+        if error := stride_error(max_length, stride, max_query_length):
+            raise ValueError(error)
         # A job ships the tokenizer itself (read once on the driver); a path is for direct use.
         if not isinstance(tokenizer, SplinterTokenizer):
             tokenizer = SplinterTokenizer.from_pretrained(tokenizer)
