@@ -34,6 +34,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.output import is_complete, read_stats  # noqa: E402
+
 SPLINTER = str(Path(sys.executable).parent / "splinter")
 
 
@@ -69,10 +73,6 @@ def write_leads(path: Path, limit: int | None) -> int:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(rows)
-
-
-def complete(directory: Path) -> bool:
-    return (directory / "__splinter__" / "_SUCCESS").is_file() or (directory / "_SUCCESS").is_file()
 
 
 def fewshot_rows(directory: Path) -> list[dict[str, Any]]:
@@ -132,11 +132,11 @@ def main() -> None:
     leads = work / "leads.jsonl"
     n_docs = write_leads(leads, docs)
     mined = work / "mined"
-    if not complete(mined):
+    if not is_complete(str(mined)):
         seconds["mine"] = run("mine", ["mine", str(leads), str(mined), "--tokenizer", str(base),
                                        "--dupe-factor", str(dupe), "--max-seq-length", str(args.max_seq_length),
                                        "--overwrite", "-q"], log)
-    mined_stats = json.loads((mined / "__splinter__" / "stats.json").read_text("utf-8"))
+    mined_stats = read_stats(str(mined))
 
     pretrained = work / "pretrained"
     seconds["pretrain"] = run("pretrain", [
