@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.output import is_complete, read_stats  # noqa: E402
+from pipeline.engine.commit import is_complete, read_stats  # noqa: E402
 
 SPLINTER = str(Path(sys.executable).parent / "splinter")
 

@@ -7,7 +7,7 @@ Figures, each against a peer measured in the same run (CPU seconds of this proce
    (`tests/mining_oracle.py`) on the same sequences. Goal >= 20x.
 2. the whole stage (tokenize + chunk + search + mask + layout + rows) vs tokenization alone
    (the stage's own line splitting + `encode_batch_fast`). Goal <= 2x.
-3. Ray scaling: `pipeline.mine.run_mine` with 2 workers vs 1 on the same corpus (wall clock).
+3. Ray scaling: `pipeline.corpus.mining.run_mine` with 2 workers vs 1 on the same corpus (wall clock).
    Goal >= 1.8x; needs 2 free cores to mean anything.
 
 Each figure is taken on single leads ("short", ~110 tokens a sequence) and on leads packed 6 to a
@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline.spans import find_span_clusters  # noqa: E402
-from pipeline.stages.mine import RecurringSpanMiner  # noqa: E402
+from pipeline.stages.recurring_spans import RecurringSpanMiner  # noqa: E402
+from pipeline.stages.span_search import find_span_clusters  # noqa: E402
 from tests.mining_oracle import oracle_clusters  # noqa: E402
 
 
@@ -127,9 +127,9 @@ def measure(
 
 
 def ray_scaling(docs: list[tuple[str, str]], batch_size: int) -> dict[str, Any]:
-    """Wall seconds of `pipeline.mine.run_mine` with 2 workers vs 1 on an embedded 2-CPU Ray."""
-    from pipeline.config import MineConfig
-    from pipeline.mine import run_mine
+    """Wall seconds of `pipeline.corpus.mining.run_mine` with 2 workers vs 1 on an embedded 2-CPU Ray."""
+    from pipeline.corpus.mining import run_mine
+    from pipeline.settings import MineConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "leads.jsonl"

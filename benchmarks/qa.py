@@ -5,7 +5,7 @@ QASS head seeded), same inputs (the first N real SQuAD v1.1 dev questions), same
 
 Figures (questions per second, higher is better):
 - ours_plain: QATokenize -> QAModel -> QAPostprocess in a Python loop, batches of 256 rows.
-- ours_job: `pipeline.extract.run_extract` end to end on an embedded Ray (JSONL in -> Parquet out).
+- ours_job: `pipeline.corpus.extraction.run_extract` end to end on an embedded Ray (JSONL in -> Parquet out).
 - raw_forward: only the model's forward over the very same windows (tokenized beforehand, sorted by
   length, dynamically padded): the ceiling for any pipeline around this model on this machine.
 - hf_pipeline[bs]: transformers' `pipeline("question-answering", batch_size=bs)`; best bs is the peer.
@@ -190,9 +190,9 @@ def run_ours_job(
 ) -> tuple[float, dict, dict]:
     import pyarrow.parquet as pq
 
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import run_extract
-    from pipeline.runner import init_ray
+    from pipeline.corpus.extraction import run_extract
+    from pipeline.engine.runner import init_ray
+    from pipeline.settings import ExtractConfig
 
     src = work / "questions.jsonl"
     with src.open("w", encoding="utf-8") as f:

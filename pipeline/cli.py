@@ -1,8 +1,8 @@
 """`splinter` command line: the application on top of the library. Thin typer wrappers only.
 
-Every command is also a plain Python call (`pipeline.mine.run_mine`, `pipeline.extract.run_extract`,
-`pipeline.pretrain.run_pretrain`, `pipeline.finetune.run_finetune`, `pipeline.fewshot.run_fewshot`,
-`pipeline.evaluate.evaluate_files`, `splinter.bert.bert_to_splinter`, `pipeline.submit.submit`),
+Every command is also a plain Python call (`pipeline.corpus.mining.run_mine`, `pipeline.corpus.extraction.run_extract`,
+`pipeline.training.pretraining.run_pretrain`, `pipeline.training.finetuning.run_finetune`, `pipeline.training.fewshot_grid.run_fewshot`,
+`pipeline.corpus.evaluation.evaluate_files`, `splinter.bert.bert_to_splinter`, `pipeline.submit.submit`),
 so nothing here holds logic of its own. The console script `splinter` and the cluster entrypoint
 `python -m pipeline.cli` both land here.
 """
@@ -93,7 +93,7 @@ def _progress(quiet: bool) -> Progress:
 
 
 def _build(cls: type, config: Path | None, fields: dict[str, Any]) -> Any:
-    from pipeline.config import ConfigError
+    from pipeline.settings import ConfigError
 
     overrides = {k: v for k, v in fields.items() if v is not None}
     try:
@@ -103,8 +103,8 @@ def _build(cls: type, config: Path | None, fields: dict[str, Any]) -> Any:
 
 
 def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
-    from pipeline.config import ConfigError
-    from pipeline.runner import OutputExistsError
+    from pipeline.engine.runner import OutputExistsError
+    from pipeline.settings import ConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -144,8 +144,8 @@ def mine(
     quiet: QuietOpt = False,
 ) -> None:
     """Generate recurring-span selection pretraining examples (Splinter's objective) as Parquet."""
-    from pipeline.config import MineConfig
-    from pipeline.mine import format_mining_summary, run_mine
+    from pipeline.corpus.mining import format_mining_summary, run_mine
+    from pipeline.settings import MineConfig
 
     cfg = _build(MineConfig, config, dict(
         input=[input], output=output, tokenizer=tokenizer, seed=seed, max_seq_length=max_seq_length,
@@ -188,8 +188,8 @@ def extract(
     quiet: QuietOpt = False,
 ) -> None:
     """Answer every question over its context with a Splinter QA model; one output row per question."""
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import format_extract_summary, run_extract
+    from pipeline.corpus.extraction import format_extract_summary, run_extract
+    from pipeline.settings import ExtractConfig
 
     cfg = _build(ExtractConfig, config, dict(
         input=[input], output=output, model=model, batch_size=batch_size, num_actors=num_actors,
@@ -209,7 +209,7 @@ def evaluate(
     only_predicted: Annotated[bool, typer.Option("--only-predicted", help="Score only the gold questions that have an answer (default: all; unanswered ones score 0).")] = False,
 ) -> None:
     """SQuAD v1.1 exact match and F1 (official normalisation) of predictions against gold answers, with coverage."""
-    from pipeline.evaluate import evaluate_files
+    from pipeline.corpus.evaluation import evaluate_files
 
     try:
         result = evaluate_files(predictions, gold, only_predicted=only_predicted)
@@ -290,8 +290,8 @@ def finetune(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a Splinter QA model (the paper's few-shot recipe by default) and write a checkpoint."""
-    from pipeline.config import ConfigError
-    from pipeline.finetune import FinetuneJob, format_finetune_summary, run_finetune
+    from pipeline.settings import ConfigError
+    from pipeline.training.finetuning import FinetuneJob, format_finetune_summary, run_finetune
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     training = _finetune_config(
@@ -348,8 +348,8 @@ def fewshot(
     quiet: QuietOpt = False,
 ) -> None:
     """The paper's few-shot grid: for every (K, seed) sample, fine-tune, answer DEV, score; runs are Ray tasks."""
-    from pipeline.config import ConfigError
-    from pipeline.fewshot import FewshotJob, format_fewshot_summary, run_fewshot
+    from pipeline.settings import ConfigError
+    from pipeline.training.fewshot_grid import FewshotJob, format_fewshot_summary, run_fewshot
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     training = _finetune_config(
@@ -400,8 +400,13 @@ def pretrain(
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain Splinter by recurring span selection on mined data, with Ray Train (DDP over workers)."""
-    from pipeline.config import ConfigError
-    from pipeline.pretrain import PretrainConfig, PretrainError, format_pretrain_summary, run_pretrain
+    from pipeline.settings import ConfigError
+    from pipeline.training.pretraining import (
+        PretrainConfig,
+        PretrainError,
+        format_pretrain_summary,
+        run_pretrain,
+    )
 
     cfg = PretrainConfig(
         mined=mined, output=output, model=model, from_bert=from_bert, config=config, preset=preset,

@@ -8,7 +8,7 @@ batch: each micro-batch's mean loss is weighted by its share of the step's quest
 `torch.distributed` (DDP) the question count is summed over the workers first, so the averaged
 gradients equal the one-big-batch gradient on any number of workers.
 
-Nothing here knows about Ray: `pipeline.pretrain` runs this on Ray Train workers, a plain loop or a
+Nothing here knows about Ray: `pipeline.training.pretraining` runs this on Ray Train workers, a plain loop or a
 benchmark can run it directly. Checkpoints are our checkpoint format (`splinter.checkpoint`:
 safetensors + config.json, loadable by transformers) plus `trainer_state.pt` (optimizer and scheduler,
 loaded with `weights_only=True`) and `trainer_state.json` (step, data position, settings).

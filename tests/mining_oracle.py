@@ -8,7 +8,7 @@ in how often frequent tokens repeat. Never used by the pipeline itself.
 
 from __future__ import annotations
 
-from pipeline.spans import STOPWORDS
+from pipeline.stages.span_search import STOPWORDS
 
 
 def _valid_first_occurrence(tokens: list[str], start: int, length: int) -> bool:

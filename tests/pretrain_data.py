@@ -20,7 +20,7 @@ def wiki_leads(count: int = 400) -> tuple[tuple[str, str], ...]:
 
 def mined_rows(layout: str, count: int = 12, max_seq_length: int = 96, start: int = 0) -> list[dict]:
     """`count` mined sequences (rows with questions) of the given layout, bundled cased vocabulary."""
-    from pipeline.stages.mine import RecurringSpanMiner
+    from pipeline.stages.recurring_spans import RecurringSpanMiner
 
     leads = wiki_leads()[start : start + 4 * count]
     batch = {

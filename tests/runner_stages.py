@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from pipeline.resources import Resources
+from pipeline.engine.resources import Resources
 
 
 class WordRows:

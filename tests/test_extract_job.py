@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA
 
-from pipeline.config import ConfigError, ExtractConfig
-from pipeline.extract import run_extract
-from pipeline.output import is_complete
+from pipeline.corpus.extraction import run_extract
+from pipeline.engine.commit import is_complete
+from pipeline.settings import ConfigError, ExtractConfig
 
 SQUAD = DATA / "squad_sample.json"
 
@@ -188,9 +188,9 @@ def test_workers_never_read_the_model_path(tmp_path, tiny_qa_model, ray_session)
     """The driver reads the checkpoint once and ships it: the job runs after the directory is gone."""
     import shutil
 
-    from pipeline.extract import ClusterView, extract_spec
-    from pipeline.runner import run
-    from pipeline.sources import expand_inputs, plan_shards
+    from pipeline.corpus.extraction import ClusterView, extract_spec
+    from pipeline.engine.runner import run
+    from pipeline.storage.sources import expand_inputs, plan_shards
     from splinter.squad import load_squad
 
     questions = tmp_path / "q.jsonl"
@@ -213,7 +213,7 @@ def test_workers_never_read_the_model_path(tmp_path, tiny_qa_model, ray_session)
 def test_shipped_model_builds_the_same_network(tiny_qa_model):
     import torch
 
-    from pipeline.model_source import read_checkpoint
+    from pipeline.storage.model_files import read_checkpoint
     from splinter.checkpoint import load_pretrained
     from splinter.model import SplinterForQuestionAnswering
 

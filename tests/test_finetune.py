@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ConfigError, ExtractConfig
-from pipeline.extract import format_extract_summary, run_extract
-from pipeline.finetune import (
+from pipeline.corpus.extraction import format_extract_summary, run_extract
+from pipeline.settings import ConfigError, ExtractConfig
+from pipeline.training.finetuning import (
     FinetuneJob,
     format_finetune_summary,
     read_qa_dataset,

@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA, ROOT
 
-from pipeline import formats
-from pipeline.config import ConfigError, ExtractConfig, MineConfig
-from pipeline.extract import run_extract
-from pipeline.mine import run_mine
-from pipeline.sources import ReadOptions, list_inputs, plan_shards, read_shard
-from pipeline.storage import glob_regex
+from pipeline.corpus.extraction import run_extract
+from pipeline.corpus.mining import run_mine
+from pipeline.settings import ConfigError, ExtractConfig, MineConfig
+from pipeline.storage import formats
+from pipeline.storage.filesystems import glob_regex
+from pipeline.storage.sources import ReadOptions, list_inputs, plan_shards, read_shard
 
 WIKI = ROOT / "data" / "wiki_sample.jsonl"
 CTX = "Splinter was introduced in 2021 by Ori Ram and colleagues at Tel Aviv University."

@@ -89,8 +89,8 @@ _AUTOSCALE_SCRIPT = textwrap.dedent(
     """
     import json, sys, threading, time
     from ray.cluster_utils import Cluster
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import run_extract
+    from pipeline.settings import ExtractConfig
+    from pipeline.corpus.extraction import run_extract
 
     model, questions, out = sys.argv[1:4]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})

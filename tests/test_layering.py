@@ -1,12 +1,17 @@
 """The import arrows of the project point down, and nowhere do they form a cycle.
 
-Layers, bottom to top:
-    splinter/            the model library: stdlib + torch, tokenizers, safetensors, numpy only
-    pipeline/ (stages)   plain batch -> batch classes; never ray
-    pipeline/            jobs, runner, storage, training on Ray
-    pipeline/cli.py      the application: the only module that imports typer
-    jobs/                `ray job submit` entrypoints over the CLI
-Every import counts, including those inside functions: a lazy import is still a dependency.
+Layers, bottom to top (RANKS below is the table the tests hold the code to):
+    splinter/              the model library: stdlib + torch, tokenizers, safetensors, numpy only
+    pipeline/settings.py   every job's settings; pipeline/progress.py the console
+    pipeline/storage/      filesystems (local, S3), input formats, sources (read + shard), model files
+    pipeline/engine/       what a job is, batches, commits, the runner (the only code mapping stages onto Ray)
+    pipeline/stages/       plain batch -> batch classes; never ray
+    pipeline/corpus/       the Ray Data jobs: mine, extract, evaluate
+    pipeline/training/     the Ray Train jobs: pretrain, finetune, the few-shot grid
+    pipeline/submit.py     cluster submission; pipeline/cli.py the application, the only typer user
+    jobs/                  `ray job submit` entrypoints over the CLI
+A module may import its own layer and the layers below. Every import counts, including those inside
+functions: a lazy import is still a dependency.
 """
 
 from __future__ import annotations
@@ -69,10 +74,31 @@ def _third_party(path: Path) -> set[str]:
 
 GRAPH = _project_graph()
 
+# Layer of every module, by its longest matching prefix; higher may import lower or equal, never higher.
+RANKS = {
+    "splinter": 0,
+    "pipeline": 1,  # the package itself, pipeline.settings, pipeline.progress
+    "pipeline.storage": 2,
+    "pipeline.engine": 3,
+    "pipeline.stages": 4,
+    "pipeline.corpus": 5,
+    "pipeline.training": 5,
+    "pipeline.submit": 6,
+    "pipeline.cli": 7,
+    "jobs": 8,
+}
+# Modules of the bottom pipeline layer: anything else at pipeline/'s top level must be placed in RANKS.
+PIPELINE_BASE = {"pipeline", "pipeline.settings", "pipeline.progress"}
+
+
+def _rank(module: str) -> int:
+    best = max((p for p in RANKS if module == p or module.startswith(p + ".")), key=len)
+    return RANKS[best]
+
 
 def test_graph_is_not_empty() -> None:
     # The checks below are only as good as the parse: make sure they see the real project.
-    assert {"splinter.model", "splinter.checkpoint", "pipeline.cli", "pipeline.runner"} <= set(GRAPH)
+    assert {"splinter.model", "splinter.checkpoint", "pipeline.cli", "pipeline.engine.runner"} <= set(GRAPH)
     assert "splinter.model" in GRAPH["splinter.checkpoint"]
 
 
@@ -86,6 +112,48 @@ def test_model_library_imports_only_its_dependencies(path: Path) -> None:
     assert not upward, (
         f"{path.relative_to(ROOT)} imports {sorted(upward)} from a layer above the model library"
     )
+
+
+def test_every_module_has_a_layer() -> None:
+    for name in GRAPH:
+        if name.startswith("pipeline") and name.count(".") == 1:
+            assert name in PIPELINE_BASE or name in RANKS, (
+                f"{name} sits at pipeline/'s top level without a layer: move it into a subpackage by role "
+                "or give it a rank in RANKS"
+            )
+
+
+def test_imports_point_down_the_layers() -> None:
+    for name, deps in GRAPH.items():
+        for dep in deps:
+            assert _rank(dep) <= _rank(name), (
+                f"{name} (layer {_rank(name)}) imports {dep} (layer {_rank(dep)}): imports only point down"
+            )
+
+
+def test_layer_check_catches_an_upward_import(monkeypatch) -> None:
+    monkeypatch.setitem(GRAPH, "pipeline.storage.sources",
+                        GRAPH["pipeline.storage.sources"] | {"pipeline.engine.runner"})
+    with pytest.raises(AssertionError, match="imports only point down"):
+        test_imports_point_down_the_layers()
+
+
+def test_no_two_modules_share_a_file_name() -> None:
+    """A name says which module it is: no `config.py` in two packages, no `mine.py` twice."""
+    seen: dict[str, str] = {}
+    for name in GRAPH:
+        if name.startswith("jobs"):  # entrypoints are named after the commands they run
+            continue
+        path = _path(name)
+        if path.name == "__init__.py":
+            continue
+        assert path.name not in seen, f"{name} and {seen[path.name]} share the file name {path.name}"
+        seen[path.name] = name
+
+
+def test_pipeline_top_level_stays_small() -> None:
+    top = [p for p in (ROOT / "pipeline").glob("*.py")]
+    assert len(top) <= 10, f"pipeline/ has {len(top)} top-level modules: put new ones in a subpackage by role"
 
 
 def test_checkpoint_depends_on_model_never_the_reverse() -> None:
@@ -108,7 +176,7 @@ def _reachable(module: str) -> set[str]:
 
 
 def test_stages_never_reach_ray() -> None:
-    """A stage, and everything it imports, runs without Ray: only pipeline/runner.py maps stages onto it."""
+    """A stage, and everything it imports, runs without Ray: only pipeline/engine/runner.py maps stages onto it."""
     for path in sorted((ROOT / "pipeline" / "stages").rglob("*.py")):
         name = _module_name(path)
         for module in {name} | _reachable(name):

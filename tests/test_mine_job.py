@@ -11,9 +11,9 @@ import pytest
 from conftest import ROOT
 from typer.testing import CliRunner
 
-from pipeline.config import ConfigError, MineConfig
-from pipeline.mine import run_mine
-from pipeline.output import is_complete, read_stats
+from pipeline.corpus.mining import run_mine
+from pipeline.engine.commit import is_complete, read_stats
+from pipeline.settings import ConfigError, MineConfig
 
 WIKI = ROOT / "data" / "wiki_sample.jsonl"
 

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.config import ConfigError, MineConfig
-from pipeline.mine import run_mine
-from pipeline.stages.mine import RecurringSpanMiner
+from pipeline.corpus.mining import run_mine
+from pipeline.settings import ConfigError, MineConfig
+from pipeline.stages.recurring_spans import RecurringSpanMiner
 from tests.conftest import package_file
 
 QUESTION = 104

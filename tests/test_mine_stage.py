@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.spans import (
+from pipeline.stages.recurring_spans import SKIP_REASONS, RecurringSpanMiner
+from pipeline.stages.span_search import (
     STOPWORDS,
     ClusterBatch,
     find_span_clusters,
@@ -19,7 +20,6 @@ from pipeline.spans import (
     question_budget,
     split_long_segment,
 )
-from pipeline.stages.mine import SKIP_REASONS, RecurringSpanMiner
 from splinter.collate import collate_pretraining
 from tests.conftest import package_file
 from tests.mining_oracle import oracle_clusters
@@ -122,11 +122,11 @@ def test_clusters_equal_oracle_on_adversarial_repetition(miner):
 
 
 def test_search_split_into_passes_gives_the_same_clusters(miner, wiki, monkeypatch):
-    import pipeline.spans
+    import pipeline.stages.span_search
 
     seqs = _sequences(miner, _docs(wiki, 40, per_doc=2))
     whole = _clusters(miner, seqs, 10)
-    monkeypatch.setattr(pipeline.spans, "_MAX_PASS_TOKENS", 700)  # a few sequences per pass
+    monkeypatch.setattr(pipeline.stages.span_search, "_MAX_PASS_TOKENS", 700)  # a few sequences per pass
     split = _clusters(miner, seqs, 10)
     assert all(whole.as_spans(s) == split.as_spans(s) for s in range(len(seqs)))
     assert split.first == whole.first and split.starts == whole.starts
@@ -367,7 +367,7 @@ def test_arrow_conversion_and_schema(miner, original_miner, wiki):
     pa = pytest.importorskip("pyarrow")
     from ray.data.block import BlockAccessor
 
-    from pipeline.schema import mining_schema
+    from pipeline.corpus.schemas import mining_schema
 
     batch = _docs(wiki, 10)
     batch["text"][3] = None

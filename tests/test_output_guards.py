@@ -16,11 +16,10 @@ import torch
 from conftest import DATA, ROOT, package_file
 from typer.testing import CliRunner
 
-from pipeline.batch import read_batch
 from pipeline.cli import app
-from pipeline.config import MineConfig
-from pipeline.mine import run_mine
-from pipeline.output import (
+from pipeline.corpus.mining import run_mine
+from pipeline.engine.batch import read_batch
+from pipeline.engine.commit import (
     OutputExistsError,
     commit_shard,
     is_complete,
@@ -28,8 +27,9 @@ from pipeline.output import (
     read_stats,
     write_parts,
 )
-from pipeline.sources import ReadOptions, list_inputs, plan_shards
-from pipeline.spec import JobSpec
+from pipeline.engine.spec import JobSpec
+from pipeline.settings import MineConfig
+from pipeline.storage.sources import ReadOptions, list_inputs, plan_shards
 
 WIKI = ROOT / "data" / "wiki_sample.jsonl"
 SQUAD = DATA / "squad_sample.json"
@@ -263,7 +263,8 @@ def test_a_crash_inside_ray_is_one_line_naming_the_real_error(tmp_path, ray_sess
     from runner_stages import WordRows
 
     from pipeline import cli
-    from pipeline.runner import StageSpec, run
+    from pipeline.engine.runner import run
+    from pipeline.engine.spec import StageSpec
 
     corpus = _corpus(tmp_path, 5)
     with corpus.open("a") as f:

@@ -22,9 +22,9 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import MineConfig
-from pipeline.mine import run_mine
-from pipeline.pretrain import PretrainConfig, run_pretrain
+from pipeline.corpus.mining import run_mine
+from pipeline.settings import MineConfig
+from pipeline.training.pretraining import PretrainConfig, run_pretrain
 from splinter.checkpoint import load_pretrained
 from splinter.collate import collate_pretraining
 from splinter.config import SplinterConfig

@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ConfigError, MineConfig
-from pipeline.mine import run_mine
-from pipeline.pretrain import PretrainConfig, plan_pretrain, prepare_output
+from pipeline.corpus.mining import run_mine
+from pipeline.settings import ConfigError, MineConfig
+from pipeline.training.pretraining import PretrainConfig, plan_pretrain, prepare_output
 from splinter.config import SplinterConfig
 from tests.conftest import package_file
 from tests.pretrain_data import write_mined_leads

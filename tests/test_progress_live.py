@@ -10,8 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 from runner_stages import SlowUpper
 
-from pipeline.runner import JobSpec, StageSpec, run
-from pipeline.sources import ReadOptions, expand_inputs, plan_shards
+from pipeline.engine.runner import run
+from pipeline.engine.spec import JobSpec, StageSpec
+from pipeline.storage.sources import ReadOptions, expand_inputs, plan_shards
 
 
 class Recorder:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from conftest import DATA
 
-from pipeline.config import ConfigError, ExtractConfig
-from pipeline.extract import ClusterView, extract_spec, plan_model
-from pipeline.model_source import ShippedModel, read_checkpoint
+from pipeline.corpus.extraction import ClusterView, extract_spec, plan_model
+from pipeline.settings import ConfigError, ExtractConfig
 from pipeline.stages.qa import QAModel, QATokenize
+from pipeline.storage.model_files import ShippedModel, read_checkpoint
 
 SQUAD = DATA / "squad_sample.json"
 # A KubeRay cluster whose GPU group autoscales from 0: 8 CPUs on the head, GPU workers may add 4 GPUs.

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from runner_stages import Upper, WordRows
 
-from pipeline.output import is_complete
-from pipeline.runner import JobSpec, OutputExistsError, StageSpec, run
-from pipeline.sources import ReadOptions, expand_inputs, plan_shards
+from pipeline.engine.commit import OutputExistsError, is_complete
+from pipeline.engine.runner import run
+from pipeline.engine.spec import JobSpec, StageSpec
+from pipeline.storage.sources import ReadOptions, expand_inputs, plan_shards
 
 SCHEMA = pa.schema([("doc_id", pa.string()), ("word", pa.string()), ("upper", pa.string())])
 

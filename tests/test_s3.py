@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA, ROOT
 
-from pipeline.config import ConfigError, ExtractConfig, MineConfig
-from pipeline.extract import run_extract
-from pipeline.mine import run_mine
-from pipeline.output import is_complete
-from pipeline.preflight import check_model_dir
-from pipeline.sources import list_inputs
+from pipeline.corpus.extraction import run_extract
+from pipeline.corpus.mining import run_mine
+from pipeline.corpus.preflight import check_model_dir
+from pipeline.engine.commit import is_complete
+from pipeline.settings import ConfigError, ExtractConfig, MineConfig
+from pipeline.storage.sources import list_inputs
 
 BUCKET = "splinter-test"
 KEY, SECRET = "splinter-test-key", "splinter-test-secret"
@@ -198,7 +198,7 @@ def test_extract_s3_to_s3_with_compressed_input(s3, tmp_path, tiny_qa_model):
                                                               strict=True))
     assert stats["rows_in"] == stats["rows_out"] == ref.num_rows >= 10 and stats["shards"] >= 2
     assert is_complete(s3.uri("answers"))
-    from pipeline.evaluate import evaluate_files
+    from pipeline.corpus.evaluation import evaluate_files
 
     assert evaluate_files(s3.uri("answers"), str(local))["predicted"] == stats["answered"]
 

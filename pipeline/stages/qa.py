@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.model_source import ShippedModel
-from pipeline.resources import Resources
+from pipeline.engine.resources import Resources
+from pipeline.storage.model_files import ShippedModel
 from splinter.decode import NO_VALID_SPAN, best_spans
 from splinter.precision import quantize_int8, to_mixed_precision
 from splinter.tokenizer import SplinterTokenizer

@@ -8,14 +8,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import MineConfig
+from pipeline.corpus.preflight import preflight
+from pipeline.corpus.schemas import mining_schema
+from pipeline.engine.resources import Resources
+from pipeline.engine.runner import run_config
+from pipeline.engine.spec import JobSpec, StageSpec
+from pipeline.engine.stats import top_k
 from pipeline.progress import Progress
-from pipeline.resources import Resources
-from pipeline.runner import JobSpec, StageSpec, run_config
-from pipeline.schema import mining_schema
-from pipeline.sources import ReadOptions
-from pipeline.stages.mine import RecurringSpanMiner
-from pipeline.stats import top_k
+from pipeline.settings import MineConfig
+from pipeline.stages.recurring_spans import RecurringSpanMiner
+from pipeline.storage.sources import ReadOptions
 
 TOP_NGRAMS = 200  # kept per shard; the merged top list is exact for n-grams frequent in every shard
 
@@ -63,7 +65,7 @@ def mining_spec(cfg: MineConfig) -> JobSpec:
 
 def run_mine(cfg: MineConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
-    stats = run_config(cfg, lambda: mining_spec(cfg), progress)
+    stats = run_config(cfg, lambda: mining_spec(cfg), progress, lambda: preflight(cfg))
     stats["top_ngrams"] = top_k(stats.get("top_ngrams", {}), 50)
     stats["dupe_factor"] = cfg.dupe_factor
     return stats

@@ -17,8 +17,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.config import ConfigError, ExtractConfig, MineConfig
-from pipeline.storage import filesystem, is_uri
+from pipeline.settings import ConfigError, ExtractConfig, MineConfig
+from pipeline.storage.filesystems import filesystem, is_uri
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -42,7 +42,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def _check_tokenizer(path: str, flag: str) -> None:
-    from pipeline.stages.mine import load_mining_tokenizer
+    from pipeline.stages.recurring_spans import load_mining_tokenizer
 
     try:
         load_mining_tokenizer(path)

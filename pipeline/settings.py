@@ -33,7 +33,7 @@ class RunConfig:
     input_format: str = "auto"
     # Most rows per shard for Parquet / SQuAD / JSON arrays (files per shard for plain text), most bytes per
     # shard for JSONL. A shard is the unit of work, commit and resume; small inputs get smaller shards
-    # (see pipeline.sources.TARGET_SHARDS) so they still spread over workers.
+    # (see pipeline.storage.sources.TARGET_SHARDS) so they still spread over workers.
     shard_rows: int = 5_000
     shard_bytes: int = 4 << 20
     resume: bool = False
@@ -230,7 +230,7 @@ class ExtractConfig(RunConfig):
             raise ConfigError(f"max_length must be in [32, 4096], got {self.max_length}")
         # A window holds the question (up to max_query_length tokens), the template's tokens and the
         # context; the overlap between windows must leave room for new context tokens.
-        from splinter.tokenizer import PAIR_SPECIAL_TOKENS  # here: `import pipeline.config` stays light
+        from splinter.tokenizer import PAIR_SPECIAL_TOKENS  # here: `import pipeline.settings` stays light
 
         room = self.max_length - self.max_query_length - PAIR_SPECIAL_TOKENS
         if self.max_query_length < 1:
@@ -240,7 +240,7 @@ class ExtractConfig(RunConfig):
                 f"--max-length {self.max_length} leaves no room for context: a window holds up to "
                 f"{self.max_query_length} question tokens (max_query_length) and {PAIR_SPECIAL_TOKENS} template "
                 "tokens; raise --max-length")
-        from splinter.windows import stride_error  # here: `import pipeline.config` stays light
+        from splinter.windows import stride_error  # here: `import pipeline.settings` stays light
 
         if error := stride_error(self.max_length, self.stride, self.max_query_length):
             raise ConfigError("--" + error.replace("max_length ", "--max-length "))

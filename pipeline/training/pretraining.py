@@ -4,7 +4,7 @@ The driver checks everything it can before Ray starts (the mined output is compl
 fit the model: vocabulary, [QUESTION] id, positions), then runs a Ray Train `TorchTrainer`:
 Ray Data reads the mined Parquet, shuffles it (a seeded global shuffle, re-drawn every epoch, or a
 large per-worker shuffle buffer) and splits it equally among the workers; each worker runs
-`pipeline.pretrain_loop.train_worker`.
+`pipeline.training.pretrain_worker.train_worker`.
 
 OUTPUT holds:
     run.json                       the settings of the run (a rerun with other settings is refused)
@@ -31,8 +31,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.config import ConfigError
-from pipeline.pretrain_inputs import (
+from pipeline.progress import NullProgress, Progress
+from pipeline.settings import ConfigError
+from pipeline.storage.filesystems import filesystem
+from pipeline.training.pretrain_data import (
     MODEL_SIZES,
     MinedData,
     ModelSource,
@@ -40,8 +42,6 @@ from pipeline.pretrain_inputs import (
     inspect_mined,
     resolve_model,
 )
-from pipeline.progress import NullProgress, Progress
-from pipeline.sources import filesystem
 from splinter.pretrain import PRESETS, PretrainHParams
 
 RUN_NAME = "checkpoints"  # Ray Train's run name: its storage is OUTPUT/checkpoints
@@ -213,7 +213,7 @@ def _cpus_per_worker(cfg: PretrainConfig) -> float:
 def _start_ray(cfg: PretrainConfig) -> None:
     import ray
 
-    from pipeline.runner import init_ray
+    from pipeline.engine.runner import init_ray
 
     if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
         # On one machine, Ray Train's preemption watcher (spot nodes being drained) and its state
@@ -246,7 +246,7 @@ def _resume_epoch(cfg: PretrainConfig) -> int:
 def _dataset(cfg: PretrainConfig, data: MinedData) -> Any:
     import ray
 
-    from pipeline.pretrain_loop import derive_seed
+    from pipeline.training.pretrain_worker import derive_seed
 
     ds = ray.data.read_parquet(data.files, columns=data.columns)
     # Ray Data combines the seed with its count of executions (one per epoch), which starts at 0 in
@@ -288,7 +288,7 @@ def run_pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> dict[
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.pretrain_loop import LOG_NAME, train_worker
+    from pipeline.training.pretrain_worker import LOG_NAME, train_worker
 
     progress = progress or NullProgress()
     data, source, hp = plan_pretrain(cfg)
@@ -374,7 +374,7 @@ def run_pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> dict[
 
 def _finish(cfg: PretrainConfig, result: Any, seconds: float) -> dict[str, Any]:
     """Copy the last checkpoint to OUTPUT/final, write the summary, then _SUCCESS (last)."""
-    from pipeline.pretrain_loop import LOG_NAME
+    from pipeline.training.pretrain_worker import LOG_NAME
 
     fs, root = filesystem(cfg.output)
     checkpoint = result.checkpoint

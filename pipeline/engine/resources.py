@@ -1,4 +1,4 @@
-"""What a stage asks of the cluster. Only `pipeline.runner` turns this into Ray arguments."""
+"""What a stage asks of the cluster. Only `pipeline.engine.runner` turns this into Ray arguments."""
 
 from __future__ import annotations
 

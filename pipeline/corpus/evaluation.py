@@ -8,8 +8,8 @@ from typing import Any
 
 import pyarrow.dataset as pads
 
-from pipeline.output import is_complete
-from pipeline.sources import filesystem
+from pipeline.engine.commit import is_complete
+from pipeline.storage.filesystems import filesystem
 from splinter.squad import evaluate, load_squad
 
 

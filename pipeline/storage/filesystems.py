@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.config import ConfigError
+from pipeline.settings import ConfigError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _QUERY = re.compile(r"[A-Za-z_][\w.]*=[^&/]*(?:&[A-Za-z_][\w.]*=[^&/]*)*")

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
 from pipeline.progress import NullProgress, Progress
+from pipeline.settings import ConfigError
 from splinter.qa_data import QAExample, build_training_windows
 from splinter.train import FinetuneConfig, FinetuneResult, resolve_device, total_steps, train_on_windows
 

@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError
-from pipeline.output import JOB_FILE, STATS_FILE, SUCCESS_FILE
-from pipeline.sources import filesystem
+from pipeline.engine.commit import JOB_FILE, STATS_FILE, SUCCESS_FILE
+from pipeline.settings import ConfigError
+from pipeline.storage.filesystems import filesystem
 from splinter.config import SplinterConfig
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def inspect_mined(mined: str) -> MinedData:
     fs, root = filesystem(mined)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise ConfigError(f"mined data {mined} is not a directory; pass the output directory of `splinter mine`")
-    # The mining job's bookkeeping (see pipeline.output): completion marker, what wrote it, its stats.
+    # The mining job's bookkeeping (see pipeline.engine.commit): completion marker, what wrote it, its stats.
     success, job_file, stats_file = (f"{root}/{name}" for name in (SUCCESS_FILE, JOB_FILE, STATS_FILE))
     if fs.get_file_info(success).type != pafs.FileType.File:
         raise ConfigError(
@@ -125,7 +125,7 @@ class ModelSource:
 
 def _mining_tokenizer(data: MinedData) -> Any:
     """The tokenizer the data was mined with, when it can be found here (None: the bundled one)."""
-    from pipeline.stages.mine import load_mining_tokenizer
+    from pipeline.stages.recurring_spans import load_mining_tokenizer
 
     if data.tokenizer and not os.path.exists(data.tokenizer):
         return None

@@ -32,9 +32,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError
-from pipeline.formats import PARQUET_EXT, detect_format, loads, parsed, wikiextractor_docs
-from pipeline.storage import (
+from pipeline.settings import ConfigError
+from pipeline.storage.filesystems import (
     InputFile,
     filesystem,
     install_filesystems,
@@ -44,8 +43,9 @@ from pipeline.storage import (
     split_query,
     strip_codec_suffix,
 )
+from pipeline.storage.formats import PARQUET_EXT, detect_format, loads, parsed, wikiextractor_docs
 
-__all__ = ["InputFile", "ReadOptions", "Shard", "detect_format", "expand_inputs", "filesystem", "list_inputs",
+__all__ = ["InputFile", "ReadOptions", "Shard", "expand_inputs", "list_inputs",
            "plan_shards", "read_shard"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -93,7 +93,7 @@ class ReadOptions:
     question_column: str = "question"
     context_column: str = "context"
     extra: dict[str, Any] = field(default_factory=dict)
-    # The driver's storage clients for this job's locations (see pipeline.storage.export_filesystems).
+    # The driver's storage clients for this job's locations (see pipeline.storage.filesystems.export_filesystems).
     filesystems: dict[str, Any] = field(default_factory=dict)
 
 

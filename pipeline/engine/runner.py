@@ -18,8 +18,8 @@ Exactly-once output, shard by shard:
    written, from the per-shard stats the driver collected.
 A crash leaves committed shards intact and no `_SUCCESS`; `--resume` redoes only the rest.
 
-The pieces live beside this file: `pipeline.spec` (what a job is), `pipeline.batch` (batches and
-applying a stage), `pipeline.output` (parts, commits, the output directory's state).
+The pieces live beside this file: `pipeline.engine.spec` (what a job is), `pipeline.engine.batch` (batches and
+applying a stage), `pipeline.engine.commit` (parts, commits, the output directory's state).
 """
 
 from __future__ import annotations
@@ -38,24 +38,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.batch import apply_chunked, apply_stage, batch_len, read_batch, slice_batch
-from pipeline.output import (
-    OutputExistsError,
+from pipeline.engine.batch import apply_chunked, apply_stage, batch_len, read_batch, slice_batch
+from pipeline.engine.commit import (
     check_output,
     commit_shard,
     finish_output,
     prepare_output,
     write_parts,
 )
-from pipeline.preflight import preflight
+from pipeline.engine.resources import Resources
+from pipeline.engine.spec import Batch, JobSpec, StageSpec
+from pipeline.engine.stats import merge_stats
 from pipeline.progress import NullProgress, Progress
-from pipeline.resources import Resources
-from pipeline.sources import ReadOptions, Shard, list_inputs, plan_shards, read_shard
-from pipeline.spec import Batch, JobSpec, StageSpec
-from pipeline.stats import merge_stats
-from pipeline.storage import export_filesystems
+from pipeline.storage.filesystems import export_filesystems
+from pipeline.storage.sources import ReadOptions, Shard, list_inputs, plan_shards, read_shard
 
-__all__ = ["JobSpec", "OutputExistsError", "StageSpec", "init_ray", "run", "run_config"]
+__all__ = ["init_ray", "run", "run_config"]
 
 log = logging.getLogger(__name__)
 
@@ -428,11 +426,14 @@ def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray",
                          held)
 
 
-def run_config(cfg: Any, make_spec: Callable[[], JobSpec], progress: Progress | None = None) -> dict[str, Any]:
-    """The common path of every job: validate, plan shards, check the model and output, attach Ray
-    (unless local), run. Every mistake a user can fix surfaces before Ray starts and before OUT is touched."""
+def run_config(cfg: Any, make_spec: Callable[[], JobSpec], progress: Progress | None = None,
+               preflight: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The common path of every job: validate, run the job's own `preflight` (its model or tokenizer),
+    plan shards, check the output, attach Ray (unless local), run. Every mistake a user can fix surfaces
+    before Ray starts and before OUT is touched."""
     cfg.validate()
-    preflight(cfg)
+    if preflight is not None:
+        preflight()
     check_output(cfg.output, cfg.resume, cfg.overwrite)
     inputs = list_inputs(cfg.input, exclude=cfg.output)
     shards = plan_shards(inputs, cfg.input_format, cfg.shard_rows, cfg.shard_bytes, cfg.required_columns())

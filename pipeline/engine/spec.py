@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.resources import Resources
-from pipeline.sources import ReadOptions
+from pipeline.engine.resources import Resources
+from pipeline.storage.sources import ReadOptions
 
 Batch = dict[str, np.ndarray]
 # _src: 1 on one output row per source row (for counting sources in stats).

@@ -31,11 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.batch import batch_len, to_table
-from pipeline.sources import Shard
-from pipeline.spec import Batch, JobSpec
-from pipeline.stats import merge_stats
-from pipeline.storage import filesystem, install_filesystems
+from pipeline.engine.batch import batch_len, to_table
+from pipeline.engine.spec import Batch, JobSpec
+from pipeline.engine.stats import merge_stats
+from pipeline.storage.filesystems import filesystem, install_filesystems
+from pipeline.storage.sources import Shard
 
 META = "__splinter__"
 JOB_FILE = f"{META}/job.json"

@@ -2,7 +2,7 @@
 
 Workers never open the model path: on a cluster it may exist only where the driver runs, or be a URI
 (s3://, gs://) that every worker would otherwise download on its own. The driver reads the directory
-(any filesystem pyarrow knows, through `pipeline.sources.filesystem`), loads the weights in fp32, and
+(any filesystem pyarrow knows, through `pipeline.storage.sources.filesystem`), loads the weights in fp32, and
 packs them as numpy arrays plus the tokenizer; the runner puts that once into Ray's object store, where
 actors on a node map the same memory instead of each reading and parsing files.
 
@@ -63,8 +63,8 @@ def _local_copy(location: str, into: Path) -> Path:
     """Copy the checkpoint files of a directory URI into `into` (once, on the driver)."""
     import pyarrow.fs as pafs
 
-    from pipeline.config import ConfigError
-    from pipeline.sources import filesystem
+    from pipeline.settings import ConfigError
+    from pipeline.storage.filesystems import filesystem
 
     fs, root = filesystem(location)
     try:
@@ -84,7 +84,7 @@ def _local_copy(location: str, into: Path) -> Path:
 
 def read_checkpoint(location: str) -> ShippedModel:
     """Read a Splinter QA checkpoint (local directory or URI) and its tokenizer into memory."""
-    from pipeline.config import ConfigError
+    from pipeline.settings import ConfigError
     from splinter.checkpoint import load_pretrained
 
     def load(directory: Path) -> ShippedModel:

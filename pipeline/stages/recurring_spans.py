@@ -1,6 +1,6 @@
 """Recurring-span mining stage: documents -> Splinter pretraining sequences.
 
-Faithful to the authors' `create_pretraining_data.py` + `masking.py` (see `pipeline.spans`), with
+Faithful to the authors' `create_pretraining_data.py` + `masking.py` (see `pipeline.stages.span_search`), with
 these documented differences:
 
 * Randomness is per document, from `(seed, dupe_index, doc_id)` through blake2b, so output does
@@ -21,7 +21,7 @@ these documented differences:
   layout: inner tokens become [PAD] with attention 0, plus `position_ids` = exclusive cumsum of
   the attention mask.
 * An occurrence overlapping its cluster's visible occurrence is never masked (see
-  `pipeline.spans.mask_clusters`).
+  `pipeline.stages.span_search.mask_clusters`).
 * A document longer than `max_doc_chars` characters is mined in consecutive pieces of at most that
   many characters (cut at a line break, else at a space), each packed on its own: nothing is cut
   away, and no single tokenizer call or packing loop sees more than one piece. Piece 0 uses the
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from pipeline.resources import Resources
-from pipeline.spans import (
+from pipeline.engine.resources import Resources
+from pipeline.stages.span_search import (
     ClusterBatch,
     VocabTables,
     find_span_clusters,

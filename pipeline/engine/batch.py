@@ -1,6 +1,6 @@
 """Columnar batches (dicts of numpy arrays) and how a stage is applied to one.
 
-Every row carries the internal accounting columns (`INTERNAL`, see `pipeline.spec`); stages never see
+Every row carries the internal accounting columns (`INTERNAL`, see `pipeline.engine.spec`); stages never see
 them: `apply_stage` strips them and puts them back, following the `_source` column a row-count-changing
 stage returns, so every source row stays accounted for however a stage splits or merges rows.
 """
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.sources import ReadOptions, Shard, read_shard
-from pipeline.spec import INTERNAL, Batch
+from pipeline.engine.spec import INTERNAL, Batch
+from pipeline.storage.sources import ReadOptions, Shard, read_shard
 
 
 def rows_to_batch(rows: list[dict[str, Any]], columns: list[str]) -> Batch:

@@ -12,14 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import ConfigError, ExtractConfig
-from pipeline.model_source import ShippedModel, read_checkpoint
+from pipeline.corpus.preflight import preflight
+from pipeline.corpus.schemas import qa_schema
+from pipeline.engine.resources import Resources
+from pipeline.engine.runner import run_config
+from pipeline.engine.spec import JobSpec, StageSpec
 from pipeline.progress import Progress
-from pipeline.resources import Resources
-from pipeline.runner import JobSpec, StageSpec, run_config
-from pipeline.schema import qa_schema
-from pipeline.sources import ReadOptions
+from pipeline.settings import ConfigError, ExtractConfig
 from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
+from pipeline.storage.model_files import ShippedModel, read_checkpoint
+from pipeline.storage.sources import ReadOptions
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ def extract_spec(cfg: ExtractConfig, cluster: ClusterView, model: ShippedModel |
 
 def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
-    stats = run_config(cfg, lambda: extract_spec(cfg, cluster_view(cfg)), progress)
+    stats = run_config(cfg, lambda: extract_spec(cfg, cluster_view(cfg)), progress, lambda: preflight(cfg))
     answered = stats.get("answered", 0)
     stats["mean_score"] = round(stats.pop("score_sum", 0.0) / answered, 4) if answered else None
     warning = _untrained_head_warning(cfg.model)

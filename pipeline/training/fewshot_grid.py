@@ -1,7 +1,7 @@
 """`splinter fewshot`: the paper's few-shot protocol, every (K, seed) run a Ray task, as one command.
 
 For every K in `examples` and seed in `seeds`: sample K training questions with that seed (the sampling of
-`pipeline.finetune`), fine-tune the model (`splinter.train`, the same options as `splinter finetune`; the
+`pipeline.training.finetuning`), fine-tune the model (`splinter.train`, the same options as `splinter finetune`; the
 training seed is the run's seed unless `train_seed` fixes one), answer DEV with this project's QA stages
 (the `splinter extract` job, run inside the task without Ray Data) and score it with the SQuAD v1.1 metric.
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError
-from pipeline.finetune import read_qa_dataset, sample_examples
 from pipeline.progress import LogProgress, NullProgress, Progress
+from pipeline.settings import ConfigError
+from pipeline.training.finetuning import read_qa_dataset, sample_examples
 from splinter.train import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,10 @@ def _fewshot_run(
     """One run, inside a Ray task: fine-tune, save, answer DEV with the extract job's stages; no scoring."""
     import torch
 
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import ClusterView, extract_spec
-    from pipeline.finetune import finetune_examples
-    from pipeline.runner import run_config
+    from pipeline.corpus.extraction import ClusterView, extract_spec
+    from pipeline.engine.runner import run_config
+    from pipeline.settings import ExtractConfig
+    from pipeline.training.finetuning import finetune_examples
     from splinter.checkpoint import save_pretrained
 
     if not use_gpu:
@@ -281,7 +281,7 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> dict[str, 
     """Run (or finish) the grid; return {"runs": [...], "failed": {...}, "table": [...], ...}."""
     import ray
 
-    from pipeline.runner import init_ray
+    from pipeline.engine.runner import init_ray
     from splinter.squad import evaluate
     from splinter.tokenizer import SplinterTokenizer
 

@@ -18,8 +18,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.config import ConfigError
-from pipeline.storage import open_input, read_bytes, read_head, strip_codec_suffix
+from pipeline.settings import ConfigError
+from pipeline.storage.filesystems import open_input, read_bytes, read_head, strip_codec_suffix
 
 PARQUET_EXT = (".parquet", ".pq")
 JSONL_EXT = (".jsonl", ".ndjson")

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pipeline.sources import filesystem
+from pipeline.storage.filesystems import filesystem
 from splinter import load_from_bert
 from splinter.checkpoint import load_pretrained
 from splinter.collate import collate_pretraining
@@ -107,7 +107,7 @@ class _NoTracebackEcho(logging.Filter):
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
-    """The TorchTrainer `train_loop_per_worker`. `cfg` is plain data built by `pipeline.pretrain`.
+    """The TorchTrainer `train_loop_per_worker`. `cfg` is plain data built by `pipeline.training.pretraining`.
 
     A failure is recorded in trainer_log.jsonl (one line and the traceback) before it propagates:
     the driver then prints one line naming the log, and Ray Train restarts the workers from the newest
