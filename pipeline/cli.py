@@ -103,7 +103,7 @@ def _build(cls: type, config: Path | None, fields: dict[str, Any]) -> Any:
 
 
 def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
-    from pipeline.engine.runner import OutputExistsError
+    from pipeline.engine.commit import OutputExistsError
     from pipeline.settings import ConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
