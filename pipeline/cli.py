@@ -102,6 +102,16 @@ def _build(cls: type, config: Path | None, fields: dict[str, Any]) -> Any:
         _fail(str(exc))
 
 
+def _build_settings(cls: type, config: Path | None, flags: dict[str, Any], nested: dict[str, type] | None = None) -> Any:
+    """The training jobs' settings: the config file, then the flags given (pipeline.settings.build_settings)."""
+    from pipeline.settings import ConfigError, build_settings
+
+    try:
+        return build_settings(cls, config, flags, nested)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
     from pipeline.engine.commit import OutputExistsError
     from pipeline.settings import ConfigError
@@ -376,25 +386,26 @@ def pretrain(
     output: Annotated[str, typer.Argument(help="Run directory: checkpoints, trainer_log.jsonl, final/. Rerun to resume.")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Start from a Splinter checkpoint directory.")] = None,
     from_bert: Annotated[str | None, typer.Option("--from-bert", help="Start from a BERT-family checkpoint directory (fresh QASS head).")] = None,
-    config: Annotated[str | None, typer.Option("--config", help="Start from scratch: base, large, or a Splinter config.json.")] = None,
-    preset: Annotated[str, typer.Option(help="Defaults for the settings below: laptop (small), or authors (batch 256, lr 1e-4, 10k warmup, 2.4M steps).")] = "laptop",
-    num_workers: Annotated[int, typer.Option(help="Ray Train workers (DDP processes; one GPU each with --use-gpu).")] = 1,
-    use_gpu: Annotated[bool, typer.Option("--use-gpu/--no-use-gpu", help="One GPU per worker: nccl, bf16 autocast.")] = False,
+    model_config: Annotated[str | None, typer.Option("--model-config", help="Start from scratch: base, large, or a Splinter config.json.")] = None,
+    config: ConfigOpt = None,
+    preset: Annotated[str | None, typer.Option(help="Defaults for the settings below: laptop (small, the default), or authors (batch 256, lr 1e-4, 10k warmup, 2.4M steps).")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Ray Train workers (DDP processes; one GPU each with --use-gpu; default 1).")] = None,
+    use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-use-gpu", help="One GPU per worker: nccl, bf16 autocast.", show_default=False)] = None,
     cpus_per_worker: Annotated[float | None, typer.Option(help="CPUs per worker (default: the cluster's CPUs less one for data, shared out).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in all (laptop 1000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per optimizer step over all workers (laptop 32).")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate (1e-4).")] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps, then linear decay to 0 (laptop 100).")] = None,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step on each worker (effective batch > memory).")] = 1,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step on each worker (effective batch > memory; default 1).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (0.01; biases and norms exempt).")] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm (1.0; 0: none).")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
-    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept (the newest).")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed for the shuffle, a fresh model or head, and dropout.")] = 0,
-    shuffle: Annotated[str, typer.Option(help="global: a seeded full shuffle every epoch; local: a per-worker buffer.")] = "global",
-    shuffle_buffer: Annotated[int, typer.Option(help="Rows in each worker's buffer with --shuffle local.")] = 10_000,
-    max_failures: Annotated[int, typer.Option(help="Restarts of failed workers from the last checkpoint.")] = 2,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in OUTPUT (only the files it wrote).")] = False,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints (default 200).")] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(help="Checkpoints kept, the newest (default 2).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the shuffle, a fresh model or head, and dropout (default 0).")] = None,
+    shuffle: Annotated[str | None, typer.Option(help="global (default): a seeded full shuffle every epoch; local: a per-worker buffer.")] = None,
+    shuffle_buffer: Annotated[int | None, typer.Option(help="Rows in each worker's buffer with --shuffle local (default 10000).")] = None,
+    max_failures: Annotated[int | None, typer.Option(help="Restarts of failed workers from the last checkpoint (default 2).")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="Replace an earlier run in OUTPUT (only the files it wrote).", show_default=False)] = None,
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
     quiet: QuietOpt = False,
@@ -408,13 +419,13 @@ def pretrain(
         run_pretrain,
     )
 
-    cfg = PretrainConfig(
-        mined=mined, output=output, model=model, from_bert=from_bert, config=config, preset=preset,
+    cfg = _build_settings(PretrainConfig, config, dict(
+        mined=mined, output=output, model=model, from_bert=from_bert, model_config=model_config, preset=preset,
         num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_steps=max_steps,
         batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps, grad_accum=grad_accum,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-        max_failures=max_failures, overwrite=overwrite, ray_address=address, num_cpus=num_cpus)
+        max_failures=max_failures, overwrite=overwrite, ray_address=address, num_cpus=num_cpus))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         stats = run_pretrain(cfg, progress=_progress(quiet))

@@ -24,6 +24,59 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the CLI prints it as one line."""
 
 
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config file's mapping: YAML (.yaml/.yml, also the default), TOML (.toml) or JSON (.json)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot parse config file {p}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of field names to values")
+    return data
+
+
+def build_settings(cls: type, path: str | os.PathLike[str] | None, overrides: dict[str, Any],
+                   nested: dict[str, type] | None = None) -> Any:
+    """One way to build any job's settings: the config file's fields, then the flags that were given.
+
+    `nested` names a field holding another dataclass (the training jobs' `training`: the library's
+    hyper-parameters); its fields are written flat in the file and on the command line, as litgpt lets
+    `train.lr` and `lr` mean one thing, so a user never has to know which object owns a knob.
+    A key that no dataclass knows is an error naming the key, never silently ignored.
+    """
+    data = read_config_file(path) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    own = {f.name for f in fields(cls)}
+    inner_names = {name: {f.name for f in fields(inner)} for name, inner in (nested or {}).items()}
+    top: dict[str, Any] = {}
+    inner_values: dict[str, dict[str, Any]] = {name: {} for name in inner_names}
+    for key, value in data.items():
+        if key in own and key not in inner_names:
+            top[key] = value
+            continue
+        owner = next((name for name, names in inner_names.items() if key in names), None)
+        if owner is None:
+            known = sorted(own - set(inner_names) | set().union(*inner_names.values()))
+            where = f" in {path}" if path else ""
+            raise ConfigError(f"unknown setting {key!r}{where}; known: {', '.join(known)}")
+        inner_values[owner][key] = value
+    for name, values in inner_values.items():
+        top[name] = (nested or {})[name](**values)
+    try:
+        return cls(**top)
+    except TypeError as exc:  # a required field neither in the file nor on the command line
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
 @dataclass
 class RunConfig:
     """Fields shared by both jobs: where data comes from, where it goes, how it is sharded."""
@@ -63,21 +116,7 @@ class RunConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> Self:
         """Load fields from YAML (.yaml/.yml), TOML (.toml) or JSON; `overrides` that are not None win."""
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        text = p.read_text()
-        try:
-            if p.suffix == ".toml":
-                data = tomllib.loads(text)
-            elif p.suffix == ".json":
-                data = json.loads(text)
-            else:
-                data = yaml.safe_load(text) or {}
-        except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot parse config file {p}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of field names to values")
+        data = read_config_file(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 

@@ -57,7 +57,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def _args(mined: Path, out: Path, tiny: Path) -> list[str]:
     return [
-        "pretrain", str(mined), str(out), "--config", str(tiny), "--num-workers", "2", "--max-steps", str(STEPS),
+        "pretrain", str(mined), str(out), "--model-config", str(tiny), "--num-workers", "2", "--max-steps", str(STEPS),
         "--batch-size", "8", "--checkpoint-every", str(EVERY), "--learning-rate", "3e-3", "--warmup-steps", "5",
         "--seed", "1",
     ]  # fmt: skip
@@ -110,7 +110,7 @@ def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
 
     # The same command again (on this session's Ray): it continues from the registered checkpoint.
     cfg = PretrainConfig(
-        mined=str(mined), output=str(out), config=str(tiny), num_workers=2, max_steps=STEPS, batch_size=8,
+        mined=str(mined), output=str(out), model_config=str(tiny), num_workers=2, max_steps=STEPS, batch_size=8,
         checkpoint_every=EVERY, learning_rate=3e-3, warmup_steps=5, seed=1,
     )  # fmt: skip
     summary = run_pretrain(cfg)

@@ -67,11 +67,11 @@ def _one_line_error(code: int, output: str, *needles: str) -> None:
 
 def test_ids_must_fit_the_model(mined, tmp_path):
     out = str(tmp_path / "out")
-    code, text = _run(str(mined), out, "--config", str(_config(tmp_path, vocab_size=112)))
+    code, text = _run(str(mined), out, "--model-config", str(_config(tmp_path, vocab_size=112)))
     _one_line_error(code, text, "outside the model's vocabulary", "vocab_size 112", "--tokenizer")
-    code, text = _run(str(mined), out, "--config", str(_config(tmp_path, question_token_id=7)))
+    code, text = _run(str(mined), out, "--model-config", str(_config(tmp_path, question_token_id=7)))
     _one_line_error(code, text, "token id 104", "question_token_id 7")
-    code, text = _run(str(mined), out, "--config", str(_config(tmp_path, max_position_embeddings=64)))
+    code, text = _run(str(mined), out, "--model-config", str(_config(tmp_path, max_position_embeddings=64)))
     _one_line_error(code, text, "128 tokens", "--max-seq-length 64")
     assert not (tmp_path / "out").exists()  # nothing written before the checks pass
 
@@ -104,31 +104,31 @@ def test_mined_data_must_be_complete_and_output_ours(mined, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(mined, partial)
     (partial / "__splinter__" / "_SUCCESS").unlink()  # a mining run that never finished
-    code, text = _run(str(partial), str(tmp_path / "o"), "--config", cfg)
+    code, text = _run(str(partial), str(tmp_path / "o"), "--model-config", cfg)
     _one_line_error(code, text, "no _SUCCESS", "--resume")
-    code, text = _run(str(tmp_path / "nope"), str(tmp_path / "o"), "--config", cfg)
+    code, text = _run(str(tmp_path / "nope"), str(tmp_path / "o"), "--model-config", cfg)
     _one_line_error(code, text, "not a directory")
-    data, _, _ = plan_pretrain(PretrainConfig(mined=str(mined), output=str(tmp_path / "o"), config=cfg))
+    data, _, _ = plan_pretrain(PretrainConfig(mined=str(mined), output=str(tmp_path / "o"), model_config=cfg))
     stats = json.loads((mined / "__splinter__" / "stats.json").read_text())
     assert data.rows == stats["rows_out"] and data.question_ids == {104}
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("mine")
-    code, text = _run(str(mined), str(foreign), "--config", cfg, "--overwrite")
+    code, text = _run(str(mined), str(foreign), "--model-config", cfg, "--overwrite")
     _one_line_error(code, text, "holds no pretraining run", "thesis.txt")
     assert (foreign / "thesis.txt").read_text() == "mine"
 
     # A run of ours: other settings are refused; --overwrite removes only what a run writes.
     run = tmp_path / "run"
-    first = PretrainConfig(mined=str(mined), output=str(run), config=cfg, max_steps=7)
+    first = PretrainConfig(mined=str(mined), output=str(run), model_config=cfg, max_steps=7)
     assert prepare_output(first) == ("new", None)
     (run / "notes.md").write_text("keep me")
     (run / "checkpoints").mkdir()
     with pytest.raises(ConfigError, match=r"other settings \(max_steps: 7 there, 8 now\)"):
-        prepare_output(PretrainConfig(mined=str(mined), output=str(run), config=cfg, max_steps=8))
-    assert prepare_output(PretrainConfig(mined=str(mined), output=str(run), config=cfg, max_steps=7)) == ("resume", None)
-    prepare_output(PretrainConfig(mined=str(mined), output=str(run), config=cfg, max_steps=8, overwrite=True))
+        prepare_output(PretrainConfig(mined=str(mined), output=str(run), model_config=cfg, max_steps=8))
+    assert prepare_output(PretrainConfig(mined=str(mined), output=str(run), model_config=cfg, max_steps=7)) == ("resume", None)
+    prepare_output(PretrainConfig(mined=str(mined), output=str(run), model_config=cfg, max_steps=8, overwrite=True))
     assert sorted(p.name for p in run.iterdir()) == ["notes.md", "run.json"]
     assert json.loads((run / "run.json").read_text())["max_steps"] == 8
 
@@ -136,18 +136,18 @@ def test_mined_data_must_be_complete_and_output_ours(mined, tmp_path):
 def test_flag_checks(mined, tmp_path):
     cfg = str(_config(tmp_path))
     code, text = _run(str(mined), str(tmp_path / "o"))
-    _one_line_error(code, text, "exactly one of --model DIR, --from-bert DIR or --config")
-    code, text = _run(str(mined), str(tmp_path / "o"), "--config", cfg, "--model", str(tmp_path))
+    _one_line_error(code, text, "exactly one of --model DIR, --from-bert DIR or --model-config")
+    code, text = _run(str(mined), str(tmp_path / "o"), "--model-config", cfg, "--model", str(tmp_path))
     _one_line_error(code, text, "exactly one of")
-    code, text = _run(str(mined), str(tmp_path / "o"), "--config", cfg, "--batch-size", "10", "--num-workers", "4")
+    code, text = _run(str(mined), str(tmp_path / "o"), "--model-config", cfg, "--batch-size", "10", "--num-workers", "4")
     _one_line_error(code, text, "--batch-size", "multiple of 4")
-    code, text = _run(str(mined), str(tmp_path / "o"), "--config", "huge")
-    _one_line_error(code, text, "--config huge")
-    code, text = _run(str(mined), str(tmp_path / "o"), "--config", cfg, "--shuffle", "sideways")
+    code, text = _run(str(mined), str(tmp_path / "o"), "--model-config", "huge")
+    _one_line_error(code, text, "--model-config huge")
+    code, text = _run(str(mined), str(tmp_path / "o"), "--model-config", cfg, "--shuffle", "sideways")
     _one_line_error(code, text, "--shuffle")
-    code, text = _run(str(mined), str(tmp_path / "o"), "--config", cfg, "--batch-size", "100000")
+    code, text = _run(str(mined), str(tmp_path / "o"), "--model-config", cfg, "--batch-size", "100000")
     _one_line_error(code, text, "fewer than one step")
-    authors = PretrainConfig(mined=str(mined), output="o", config="base", preset="authors").hparams()
+    authors = PretrainConfig(mined=str(mined), output="o", model_config="base", preset="authors").hparams()
     assert (authors.batch_size, authors.warmup_steps, authors.max_steps) == (256, 10_000, 2_400_000)
-    _, source, _ = plan_pretrain(PretrainConfig(mined=str(mined), output="o", config="base", batch_size=4))
+    _, source, _ = plan_pretrain(PretrainConfig(mined=str(mined), output="o", model_config="base", batch_size=4))
     assert (source.config.hidden_size, source.config.vocab_size, source.config.question_token_id) == (768, 28996, 104)

@@ -163,7 +163,7 @@ def resolve_model(model: str | None, from_bert: str | None, size: str | None, da
             )
         else:
             config = SplinterConfig.from_json_file(size)
-        return ModelSource("config", None, config, tokenizer, f"--config {size}")
+        return ModelSource("config", None, config, tokenizer, f"--model-config {size}")
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
 

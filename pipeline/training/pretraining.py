@@ -48,7 +48,7 @@ RUN_NAME = "checkpoints"  # Ray Train's run name: its storage is OUTPUT/checkpoi
 SHUFFLES = ("global", "local")
 # Fields that decide what is trained: a rerun into the same OUTPUT must not change them.
 RUN_FIELDS = (
-    "mined", "model", "from_bert", "config", "preset", "batch_size", "learning_rate", "warmup_steps",
+    "mined", "model", "from_bert", "model_config", "preset", "batch_size", "learning_rate", "warmup_steps",
     "max_steps", "grad_accum", "weight_decay", "max_grad_norm", "seed", "shuffle", "shuffle_buffer",
 )  # fmt: skip
 
@@ -65,7 +65,7 @@ class PretrainConfig:
     output: str = ""
     model: str | None = None  # a Splinter checkpoint directory
     from_bert: str | None = None  # a BERT-family checkpoint directory (fresh QASS head)
-    config: str | None = None  # "base", "large" or a config.json: a freshly initialised model
+    model_config: str | None = None  # "base", "large" or a config.json: a freshly initialised model
     preset: str = "laptop"
     batch_size: int | None = None  # sequences per optimizer step, all workers together
     learning_rate: float | None = None
@@ -95,16 +95,16 @@ class PretrainConfig:
     def validate(self) -> None:
         if not self.mined or not self.output:
             raise ConfigError("give the mined data (a `splinter mine` output) and an output directory")
-        sources = [name for name in ("model", "from_bert", "config") if getattr(self, name)]
+        sources = [name for name in ("model", "from_bert", "model_config") if getattr(self, name)]
         if len(sources) != 1:
-            raise ConfigError("give exactly one of --model DIR, --from-bert DIR or --config base|large|FILE")
+            raise ConfigError("give exactly one of --model DIR, --from-bert DIR or --model-config base|large|FILE")
         for name in ("model", "from_bert"):
             path = getattr(self, name)
             if path and not (Path(path) / "config.json").is_file():
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} {path}: no config.json there; pass a checkpoint directory")
-        if self.config and self.config not in MODEL_SIZES and not Path(self.config).is_file():
-            raise ConfigError(f"--config {self.config}: neither base, large nor a config.json file")
+        if self.model_config and self.model_config not in MODEL_SIZES and not Path(self.model_config).is_file():
+            raise ConfigError(f"--model-config {self.model_config}: neither base, large nor a config.json file")
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.shuffle not in SHUFFLES:
@@ -271,7 +271,7 @@ def plan_pretrain(cfg: PretrainConfig) -> tuple[MinedData, ModelSource, Pretrain
     """Every check that needs no Ray: settings, the mined data, the model, and that they fit."""
     cfg.validate()
     data = inspect_mined(cfg.mined)
-    source = resolve_model(cfg.model, cfg.from_bert, cfg.config, data)
+    source = resolve_model(cfg.model, cfg.from_bert, cfg.model_config, data)
     check_fit(data, source, cfg.mined)
     hp = cfg.hparams()
     if data.rows // cfg.num_workers < hp.batch_size // cfg.num_workers:
