@@ -248,7 +248,7 @@ def from_bert(
 
 # Training options shared by `finetune` and `fewshot`; None keeps the authors' default (FinetuneConfig).
 ExamplesOpt = Annotated[int | None, typer.Option("--examples", help="Train on K sampled questions (default: all usable rows).")]
-SampleSeedOpt = Annotated[int, typer.Option("--sample-seed", help="Seed of the sample: the first K usable rows of numpy default_rng(S).permutation.")]
+SampleSeedOpt = Annotated[int | None, typer.Option("--sample-seed", help="Seed of the sample: the first K usable rows of numpy default_rng(S).permutation (default 42).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Training seed: dropout, batch order, QASS re-init (default 42).")]
 MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Exactly N optimizer steps (overrides --epochs/--min-steps).")]
 EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="Passes over the training windows (default 10).")]
@@ -260,26 +260,27 @@ WarmupOpt = Annotated[float | None, typer.Option("--warmup-ratio", help="Share o
 MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Tokens per window (default 384).")]
 StrideOpt = Annotated[int | None, typer.Option("--stride", help="Overlap between windows, in tokens (default 128).")]
 QueryLenOpt = Annotated[int | None, typer.Option("--max-query-length", help="Question tokens kept (default 64).")]
-ReinitOpt = Annotated[bool, typer.Option("--reinit-qass", help="Re-initialise the QASS head (the authors' default) instead of keeping the checkpoint's.")]
-NoGroupOpt = Annotated[bool, typer.Option("--no-length-grouping", help="Plain shuffled batches instead of length-grouped ones.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA with bf16 autocast when present), cpu or cuda.")]
-TrainFormatOpt = Annotated[str, typer.Option("--format", help="Training data format: auto, squad, parquet, jsonl, disk (save_to_disk).")]
+ReinitOpt = Annotated[bool | None, typer.Option("--reinit-qass/--no-reinit-qass", help="Re-initialise the QASS head (the authors' default) instead of keeping the checkpoint's.", show_default=False)]
+GroupOpt = Annotated[bool | None, typer.Option("--length-grouping/--no-length-grouping", help="Length-grouped batches (default) or plain shuffled ones.", show_default=False)]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto (default: CUDA with bf16 autocast when present), cpu or cuda.")]
+TrainFormatOpt = Annotated[str | None, typer.Option("--format", help="Training data format: auto (default), squad, parquet, jsonl, disk (save_to_disk).")]
 
 
-def _finetune_config(**flags: Any) -> Any:
+def _training_settings(cls: type, config: Path | None, flags: dict[str, Any]) -> Any:
+    """A finetune/fewshot job: its own fields and the library's FinetuneConfig, flat in file and flags."""
     from splinter.train import FinetuneConfig
 
-    flags["length_grouping"] = not flags.pop("no_length_grouping")
-    return FinetuneConfig(**{k: v for k, v in flags.items() if v is not None})
+    return _build_settings(cls, config, flags, nested={"training": FinetuneConfig})
 
 
 @app.command()
 def finetune(
     train: Annotated[str, typer.Argument(help="Training data: SQuAD JSON, Parquet/JSONL in the SQuAD/datasets schema, or a save_to_disk directory.")],
     output: Annotated[str, typer.Argument(help="Directory for the fine-tuned checkpoint (+ training_args.json, trainer_log.jsonl).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Splinter checkpoint directory to start from (e.g. from `splinter from-bert`).")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Splinter checkpoint directory to start from (e.g. from `splinter from-bert`).")] = None,
+    config: ConfigOpt = None,
     examples: ExamplesOpt = None,
-    sample_seed: SampleSeedOpt = 42,
+    sample_seed: SampleSeedOpt = None,
     seed: SeedOpt = None,
     max_steps: MaxStepsOpt = None,
     epochs: EpochsOpt = None,
@@ -291,10 +292,10 @@ def finetune(
     max_length: MaxLenOpt = None,
     stride: StrideOpt = None,
     max_query_length: QueryLenOpt = None,
-    reinit_qass: ReinitOpt = False,
-    no_length_grouping: NoGroupOpt = False,
-    device: DeviceOpt = "auto",
-    input_format: TrainFormatOpt = "auto",
+    reinit_qass: ReinitOpt = None,
+    length_grouping: GroupOpt = None,
+    device: DeviceOpt = None,
+    input_format: TrainFormatOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
     overwrite: OverwriteOpt = None,
     quiet: QuietOpt = False,
@@ -304,13 +305,13 @@ def finetune(
     from pipeline.training.finetuning import FinetuneJob, format_finetune_summary, run_finetune
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    training = _finetune_config(
+    job = _training_settings(FinetuneJob, config, dict(
+        train=train, output=output, model=model, examples=examples, sample_seed=sample_seed,
+        input_format=input_format, overwrite=overwrite, num_threads=threads,
         seed=seed, max_steps=max_steps, epochs=epochs, min_steps=min_steps, learning_rate=learning_rate,
         batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio, max_length=max_length,
         stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
-        no_length_grouping=no_length_grouping)
-    job = FinetuneJob(train=train, output=output, model=model, examples=examples, sample_seed=sample_seed,
-                      input_format=input_format, overwrite=bool(overwrite), num_threads=threads, training=training)
+        length_grouping=length_grouping))
     try:
         stats = run_finetune(job, progress=_progress(quiet))
     except ConfigError as exc:
@@ -331,9 +332,10 @@ def fewshot(
     train: Annotated[str, typer.Argument(help="Training data to sample from (formats as for `finetune`).")],
     dev: Annotated[str, typer.Argument(help="Evaluation data with gold answers (SQuAD JSON, Parquet/JSONL, save_to_disk).")],
     output: Annotated[str, typer.Argument(help="Directory for results.parquet and one folder per run.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Splinter checkpoint directory every run starts from.")],
-    examples: Annotated[str, typer.Option("--examples", help="Training set sizes K, comma-separated.")] = "16,128,1024",
-    seeds: Annotated[str, typer.Option("--seeds", help="Sampling seeds, comma-separated (each also seeds its run's training unless --seed is given).")] = "42,43,44,45,46",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Splinter checkpoint directory every run starts from.")] = None,
+    config: ConfigOpt = None,
+    examples: Annotated[str | None, typer.Option("--examples", help="Training set sizes K, comma-separated (default 16,128,1024).")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Sampling seeds, comma-separated (default 42,...,46; each also seeds its run's training unless --seed is given).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="One training seed for every run (default: the run's sampling seed).")] = None,
     max_steps: MaxStepsOpt = None,
     epochs: EpochsOpt = None,
@@ -345,13 +347,13 @@ def fewshot(
     max_length: MaxLenOpt = None,
     stride: StrideOpt = None,
     max_query_length: QueryLenOpt = None,
-    reinit_qass: ReinitOpt = False,
-    no_length_grouping: NoGroupOpt = False,
-    device: DeviceOpt = "auto",
+    reinit_qass: ReinitOpt = None,
+    length_grouping: GroupOpt = None,
+    device: DeviceOpt = None,
     eval_examples: Annotated[int | None, typer.Option("--eval-examples", help="Score on a fixed sample of N DEV questions (default: all).")] = None,
-    max_answer_length: Annotated[int, typer.Option("--max-answer-length", help="Longest answer, in tokens (the authors used 10).")] = 30,
-    cpus_per_run: Annotated[int, typer.Option("--cpus-per-run", help="CPU slots (and torch threads) per run when there is no GPU.")] = 1,
-    input_format: TrainFormatOpt = "auto",
+    max_answer_length: Annotated[int | None, typer.Option("--max-answer-length", help="Longest answer, in tokens (default 30; the authors used 10).")] = None,
+    cpus_per_run: Annotated[int | None, typer.Option("--cpus-per-run", help="CPU slots (and torch threads) per run when there is no GPU (default 1).")] = None,
+    input_format: TrainFormatOpt = None,
     overwrite: OverwriteOpt = None,
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
@@ -362,15 +364,16 @@ def fewshot(
     from pipeline.training.fewshot_grid import FewshotJob, format_fewshot_summary, run_fewshot
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    training = _finetune_config(
+    job = _training_settings(FewshotJob, config, dict(
+        train=train, dev=dev, output=output, model=model,
+        examples=_int_list(examples, "--examples") if examples else None,
+        seeds=_int_list(seeds, "--seeds") if seeds else None, train_seed=seed,
+        eval_examples=eval_examples, max_answer_length=max_answer_length, input_format=input_format,
+        cpus_per_run=cpus_per_run, overwrite=overwrite, address=address, num_cpus=num_cpus,
         max_steps=max_steps, epochs=epochs, min_steps=min_steps, learning_rate=learning_rate,
         batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio, max_length=max_length,
         stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
-        no_length_grouping=no_length_grouping)
-    job = FewshotJob(train=train, dev=dev, output=output, model=model, examples=_int_list(examples, "--examples"),
-                     seeds=_int_list(seeds, "--seeds"), training=training, train_seed=seed,
-                     eval_examples=eval_examples, max_answer_length=max_answer_length, input_format=input_format,
-                     cpus_per_run=cpus_per_run, overwrite=bool(overwrite), address=address, num_cpus=num_cpus)
+        length_grouping=length_grouping))
     try:
         stats = run_fewshot(job, progress=_progress(quiet))
     except ConfigError as exc:
