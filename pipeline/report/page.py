@@ -43,7 +43,9 @@ main { max-width:1180px; margin:0 auto; padding:22px 32px 48px; }
 .card .hint { font-size:12px; color:var(--muted); }
 section { margin-top:26px; }
 section h2 { font-size:16px; font-weight:650; margin:0 0 10px; padding-bottom:6px; border-bottom:1px solid var(--line); }
-.grid { display:grid; grid-template-columns:repeat(auto-fit, minmax(440px, 1fr)); gap:14px; align-items:start; }
+/* auto-fill: a lone chart keeps a column's width (its text the size of the others'); .wide spans the row */
+.grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(440px, 1fr)); gap:14px; align-items:start; }
+.chart-box.wide { grid-column:1 / -1; }
 .chart-box { margin:0; background:var(--card); border:1px solid var(--line); border-radius:10px; padding:8px; }
 svg.chart { width:100%; height:auto; display:block; }
 table { border-collapse:collapse; background:var(--card); border:1px solid var(--line); border-radius:10px;
@@ -83,8 +85,8 @@ def render(run: Run, body: Body | None = None) -> str:
     )
     sections = []
     for heading, blocks in body.sections:
-        charts_ = [b for b in blocks if b.startswith('<figure class="chart-box">')]
-        rest = [b for b in blocks if not b.startswith('<figure class="chart-box">')]
+        charts_ = [b for b in blocks if b.startswith('<figure class="chart-box')]
+        rest = [b for b in blocks if not b.startswith('<figure class="chart-box')]
         inner = (f'<div class="grid">{"".join(charts_)}</div>' if charts_ else "") + "".join(rest)
         sections.append(f"<section><h2>{escape(heading)}</h2>{inner}</section>")
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

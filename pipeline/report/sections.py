@@ -64,8 +64,8 @@ def note(text: str) -> str:
     return f'<p class="note">{escape(text)}</p>'
 
 
-def _chart(svg: str) -> str:
-    return f'<figure class="chart-box">{svg}</figure>'
+def _chart(svg: str, wide: bool = False) -> str:
+    return f'<figure class="chart-box{" wide" if wide else ""}">{svg}</figure>'
 
 
 def _sampled(run: Run) -> str:
@@ -102,7 +102,7 @@ def mine_body(run: Run) -> Body:
     if top:
         shown = dict(sorted(top.items(), key=lambda kv: (-kv[1], kv[0]))[:25])
         spans.append(_chart(charts.count_bars("chart-top-spans", "Most frequent recurring spans", shown,
-                                              "times masked", horizontal=True, color=charts.PALETTE[4])))
+                                              "times masked", horizontal=True, color=charts.PALETTE[4]), wide=True))
         if not run.complete:
             spans.append(note("Partial run: summed over the committed shards' own top lists."))
     b.section("Recurring spans", *spans)
