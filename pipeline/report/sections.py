@@ -174,7 +174,7 @@ def extract_body(run: Run) -> Body:
 # ------------------------------------------------------------------------------- pretrain / finetune
 _SERIES = [
     ("loss", "Loss", "loss", True),
-    ("lr", "Learning rate", "learning rate (the schedule: not smoothed)", False),
+    ("lr", "Learning rate (the schedule, not smoothed)", "learning rate", False),
     ("grad_norm", "Gradient norm", "gradient norm (before clipping)", False),
     ("tokens_per_s", "Throughput", "tokens / s (all workers)", False),
 ]
@@ -220,7 +220,7 @@ def pretrain_body(run: Run) -> Body:
                                          [[e["step"], e.get("epoch"), e.get("checkpoint", "")] for e in resumes]))
     errors = [e for e in d["events"] if e.get("event") == "error"]
     if errors:
-        b.section("Errors", table(["step", "rank", "error"], [[e.get("step", "—"), e.get("rank"), e.get("error")]
+        b.section("Errors logged (a resumed run keeps its earlier attempts' errors)", table(["step", "rank", "error"], [[e.get("step", "—"), e.get("rank"), e.get("error")]
                                                              for e in errors]))
     info = [["checkpoints kept", ", ".join(d.get("checkpoints") or []) or "—"]]
     info += [[k, s[k]] for k in ("epochs", "sequences_seen", "questions", "final", "log") if k in s]
