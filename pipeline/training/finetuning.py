@@ -12,7 +12,8 @@ a larger one, so K=16 questions are among K=128's.
 
 Output directory: model.safetensors + config.json + tokenizer files (loadable by ours and by transformers),
 `training_args.json` (every setting, the data, the sampled ids, the QASS head's origin; "status" is
-"running" until the very end) and `trainer_log.jsonl` (one line per optimizer step, written as it happens).
+"running" until the very end) and `trainer_log.jsonl` (one line per optimizer step, written as it happens),
+also as TensorBoard event files under `tensorboard/`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -35,6 +37,7 @@ import torch
 
 from pipeline.progress import NullProgress, Progress
 from pipeline.settings import ConfigError
+from pipeline.training.tensorboard_events import TENSORBOARD_DIR, EventLog
 from splinter.qa_data import QAExample, build_training_windows
 from splinter.train import FinetuneConfig, FinetuneResult, resolve_device, total_steps, train_on_windows
 
@@ -53,6 +56,7 @@ OUTPUT_FILES = (
     "special_tokens_map.json",
     TRAINER_LOG,
     TRAINING_ARGS,
+    "report.html",
 )
 _REQUIRED_COLUMNS = ("question", "context", "answers")
 
@@ -243,6 +247,7 @@ def prepare_output(output: str, overwrite: bool) -> Path:
     if check_output(output, overwrite):
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -345,6 +350,7 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
     }
     _write_json(out / TRAINING_ARGS, args)
 
+    events = EventLog(str(out))  # the step records again, as TensorBoard event files
     with (out / TRAINER_LOG).open("w", encoding="utf-8") as log_file:
 
         def on_windows(windows: int, steps: int) -> None:
@@ -353,6 +359,7 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
         def on_step(record: dict[str, Any]) -> None:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()  # a live run can be followed with `tail -f`
+            events.write(record)
             progress.update(record["step"], info=f"loss {record['loss']:.4f}, lr {record['lr']:.2e}")
 
         try:
@@ -361,6 +368,7 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
             raise ConfigError(str(exc)) from None
         finally:
             progress.close()
+            events.close()
     save_pretrained(result.model, out, tokenizer=tokenizer, qass_state="trained")
     stats = {
         "examples_used": result.examples,

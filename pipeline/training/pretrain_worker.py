@@ -8,7 +8,8 @@ optimizer steps: DDP never waits on a worker that ran out of data.
 
 The math is `splinter.pretrain.PretrainStep`; this file only moves data, logs and checkpoints:
 - every step, rank 0 appends a line to OUTPUT/trainer_log.jsonl (loss, lr, questions/s, tokens/s
-  over all workers) and hands it to the driver's progress display;
+  over all workers), writes the same scalars to OUTPUT/tensorboard/ and hands it to the driver's
+  progress display;
 - every `checkpoint_every` steps and at the end, rank 0 saves the model in our checkpoint format plus
   the optimizer, schedule and data position (`splinter.pretrain.save_checkpoint`) and reports it to
   Ray Train, which keeps the last k under OUTPUT/checkpoints/;
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from pipeline.storage.filesystems import filesystem
+from pipeline.training.tensorboard_events import EventLog
 from splinter import load_from_bert
 from splinter.checkpoint import load_pretrained
 from splinter.collate import collate_pretraining
@@ -160,6 +162,8 @@ def _train(cfg: dict[str, Any]) -> None:
     torch.manual_seed(derive_seed(cfg["seed"], "dropout", rank, trainer.step))
 
     log = TrainerLog(cfg["output"]) if rank == 0 else None
+    # TensorBoard's copy of the step records (rank 0 only); a resume drops the earlier file's steps after it.
+    events = EventLog(cfg["output"], purge_step=trainer.step + 1 if resumed else None) if rank == 0 else None
     sink = cfg.get("sink")
     if log is not None:
         event = {
@@ -184,6 +188,8 @@ def _train(cfg: dict[str, Any]) -> None:
             assert log is not None
             log.write({"event": "checkpoint", "step": trainer.step, "name": name, "time": time.time()})
             log.flush()
+            assert events is not None
+            events.flush()
             tmp = tempfile.mkdtemp(prefix="splinter-ckpt-")
             try:
                 save_checkpoint(tmp, trainer, state, tokenizer=cfg.get("tokenizer"))
@@ -205,8 +211,9 @@ def _train(cfg: dict[str, Any]) -> None:
         pos["step_in_epoch"] += 1
         metrics = _step_metrics(trainer, result, pos["epoch"], tick, device)
         pos["rows_seen"] += metrics["sequences"]
-        if log is not None:
+        if log is not None and events is not None:
             log.write(metrics)
+            events.write(metrics)
             if sink is not None:
                 sink.put.remote(metrics)
         if trainer.step % cfg["checkpoint_every"] == 0 or trainer.step >= hp.max_steps:
@@ -248,6 +255,8 @@ def _train(cfg: dict[str, Any]) -> None:
     if log is not None:
         log.write({"event": "done", "step": trainer.step, "time": time.time()})
         log.flush()
+        if events is not None:
+            events.close()
         if sink is not None:  # waiting on the last record means the driver has every earlier one
             ray.get(sink.put.remote({"event": "done", "step": trainer.step}))
 

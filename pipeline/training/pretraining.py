@@ -9,6 +9,7 @@ large per-worker shuffle buffer) and splits it equally among the workers; each w
 OUTPUT holds:
     run.json                       the settings of the run (a rerun with other settings is refused)
     trainer_log.jsonl              one line per step (loss, lr, questions/s, tokens/s) and events
+    tensorboard/                   the same scalars as TensorBoard event files (rank 0)
     checkpoints/step-NNNNNNNN/     the last k checkpoints (Ray Train's storage): model + trainer state
     final/                         the model after the last step (our checkpoint format)
     pretrain_stats.json            the run's summary: steps, tokens, loss, tokens/s, resumes, seconds
@@ -126,7 +127,8 @@ class PretrainConfig:
 
 # ---------------------------------------------------------------------------------------- the output dir
 STATS_NAME = "pretrain_stats.json"
-OURS = ("run.json", "trainer_log.jsonl", RUN_NAME, "final", STATS_NAME, "_SUCCESS", "_final.tmp")
+OURS = ("run.json", "trainer_log.jsonl", RUN_NAME, "final", STATS_NAME, "_SUCCESS", "_final.tmp", "tensorboard",
+        "report.html")
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> Any:
