@@ -160,12 +160,14 @@ def _squad_records(doc: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], s
                 yield n, {}, "malformed_squad"
                 n += 1
                 continue
-            for qa in qas:
+            for k, qa in enumerate(qas):
                 if not isinstance(qa, dict):
                     yield n, {}, "malformed_squad"
                 else:
+                    # question_index 0 marks a paragraph's first question: read as a corpus, a paragraph
+                    # is one document, taken from that record.
                     yield n, {"id": qa.get("id"), "question": qa.get("question"), "context": para.get("context"),
-                              "title": article.get("title")}, ""
+                              "title": article.get("title"), "question_index": k}, ""
                 n += 1
 
 
