@@ -292,6 +292,7 @@ def finetune(
     device: DeviceOpt = "auto",
     input_format: TrainFormatOpt = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
+    negatives: Annotated[int, typer.Option("--negatives", help="Per training question, R unanswerable pairs (the question with a paragraph of another article, labelled [CLS]): teaches abstention.")] = 0,
     overwrite: OverwriteOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -306,7 +307,8 @@ def finetune(
         stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
         no_length_grouping=no_length_grouping)
     job = FinetuneJob(train=train, output=output, model=model, examples=examples, sample_seed=sample_seed,
-                      input_format=input_format, overwrite=bool(overwrite), num_threads=threads, training=training)
+                      input_format=input_format, overwrite=bool(overwrite), num_threads=threads, training=training,
+                      negatives=negatives)
     try:
         stats = run_finetune(job, progress=_progress(quiet))
     except ConfigError as exc:

@@ -17,7 +17,7 @@ from typing import Any, Self
 import yaml
 
 # json: one JSON array of records. Any format may be gzip/bzip2/zstd compressed.
-FORMATS = ("auto", "parquet", "jsonl", "json", "text", "textblocks", "wikiextractor", "squad")
+FORMATS = ("auto", "parquet", "jsonl", "json", "text", "textblocks", "wikiextractor", "squad", "mrqa")
 
 
 class ConfigError(ValueError):

@@ -147,7 +147,7 @@ def _probe(entry: InputFile, input_format: str, required: dict[str, str]) -> _Pr
                 raise ConfigError(f"{path} has no column {col!r} (columns: {', '.join(names)}); "
                                   f"pass {flag} NAME")
             probe.rows = pf.metadata.num_rows
-        elif fmt in ("squad", "json"):
+        elif fmt in ("squad", "json", "mrqa"):
             probe.rows = len(parsed(path, entry.version, fmt))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
@@ -192,7 +192,7 @@ def plan_shards(paths: list[str] | list[InputFile], input_format: str, shard_row
         path, fmt = p.entry.uri, p.format
         if fmt != "text":
             flush_text()
-        if fmt in ("parquet", "squad", "json"):
+        if fmt in ("parquet", "squad", "json", "mrqa"):
             for start, stop in _ranges(p.rows, eff_rows):
                 add(fmt, (path,), start, stop, p.entry.version)
         elif fmt == "jsonl" and not p.compressed:
@@ -348,14 +348,14 @@ def read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
             rec = loads(line)
             err = "" if isinstance(rec, dict) else "not_an_object" if rec is not None else "invalid_json"
             records.append((_locate(path, offset), rec if isinstance(rec, dict) else {}, err))
-    elif shard.format == "squad" and opts.kind == "documents":
+    elif shard.format in ("squad", "mrqa") and opts.kind == "documents":
         # A SQuAD file as a corpus: each paragraph once, read by the shard holding its first question.
         for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
             if err or rec.get("question_index") == 0:
                 context = rec.get("context")
                 doc = {opts.text_column: context, "title": rec.get("title")} if not err else {}
                 records.append((_locate(path, i), doc, err))
-    elif shard.format in ("squad", "json"):
+    elif shard.format in ("squad", "json", "mrqa"):
         for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
             records.append((_locate(path, i), rec, err))
     elif shard.format == "text":
