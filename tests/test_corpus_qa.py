@@ -19,6 +19,7 @@ from conftest import DATA, ROOT
 
 from pipeline.corpus.extraction import run_extract
 from pipeline.corpus.questions import read_questions
+from pipeline.engine.commit import OutputExistsError
 from pipeline.settings import ConfigError, ExtractConfig
 from pipeline.stages.corpus_qa import CorpusQATokenize
 from pipeline.stages.qa import QAModel, QAPostprocess
@@ -43,7 +44,7 @@ def _questions(tmp_path: Path) -> Path:
 
 def _run(tmp_path: Path, model: Path, corpus: Path, name: str, **kw) -> tuple[dict, list[dict]]:
     cfg = ExtractConfig(input=[str(corpus)], output=str(tmp_path / name), model=str(model),
-                        questions=str(kw.pop("questions", _questions(tmp_path))), local=True, **kw)
+                        questions=str(kw.pop("questions", None) or _questions(tmp_path)), local=True, **kw)
     stats = run_extract(cfg)
     return stats, _read(tmp_path / name).to_pylist()
 
@@ -256,3 +257,12 @@ def test_resume_after_kill_is_identical(tmp_path, tiny_qa_model):
     whole, resumed = _read(tmp_path / "whole"), _read(out)
     assert resumed.num_rows == whole.num_rows == 240 * 2
     assert resumed.to_pylist() == whole.to_pylist()
+
+
+def test_resume_refuses_changed_questions(tmp_path, tiny_qa_model):
+    corpus, _ = _corpus_files(tmp_path)["jsonl"]
+    questions = _questions(tmp_path)
+    _run(tmp_path, tiny_qa_model, corpus, "out", questions=questions)
+    questions.write_text("Who introduced {title}?\nWhy?\n")
+    with pytest.raises(OutputExistsError, match="question_list"):  # the questions, not only the file name
+        _run(tmp_path, tiny_qa_model, corpus, "out", questions=questions, resume=True)
