@@ -176,9 +176,14 @@ def mine(
 
 @app.command()
 def extract(
-    input: Annotated[str, typer.Argument(help="Parquet/JSONL rows (id, context, question) or SQuAD JSON; file, dir, glob or URI.")],
+    input: Annotated[str, typer.Argument(help="Parquet/JSONL rows (id, context, question) or SQuAD JSON; with --questions, a corpus in any format `mine` reads. File, dir, glob or URI.")],
     output: Annotated[str, typer.Argument(help="Output directory or URI: Parquet shards, bookkeeping under __splinter__/.")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Splinter checkpoint directory (config.json, weights, tokenizer files).")] = None,
+    questions: Annotated[str | None, typer.Option("--questions", "-q", help="Ask these questions of every document of INPUT: a text file (one per line) or JSONL/CSV/Parquet with question_id, question; {field} slots are filled from each document.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="With --questions: the documents' text field (default 'text').")] = None,
+    min_score: Annotated[float | None, typer.Option(help="Abstain (answer null, has_answer false) when the span's score is below this.")] = None,
+    null_margin: Annotated[float | None, typer.Option(help="Answer only when score - null_score exceeds this (e.g. 0: the span beats [CLS]).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the N best distinct spans per question across windows in the nbest_* columns.")] = None,
     config: ConfigOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per batch handed to a model actor (default 256).")] = None,
     num_actors: Annotated[str | None, typer.Option(help="Model actors: N, or MIN,MAX to grow while work is queued (default: one per GPU when on GPUs, else 1).")] = None,
@@ -188,7 +193,7 @@ def extract(
     max_length: Annotated[int | None, typer.Option(help="Tokens per window (default 384).")] = None,
     stride: Annotated[int | None, typer.Option(help="Overlap between windows, in tokens (default 128).")] = None,
     max_answer_length: Annotated[int | None, typer.Option(help="Longest answer, in tokens (default 30).")] = None,
-    max_context_chars: Annotated[int | None, typer.Option(help="Contexts longer than this get an error row (default 100000).")] = None,
+    max_context_chars: Annotated[int | None, typer.Option(help="Contexts longer than this get an error row (default 100000; with --questions: no limit).")] = None,
     n_best: Annotated[int | None, typer.Option(help="Also write the n best spans per question (default 0: off).")] = None,
     id_column: Annotated[str | None, typer.Option(help="Id field (default 'id').")] = None,
     question_column: Annotated[str | None, typer.Option(help="Question field; a list gives one row per question (default 'question').")] = None,
@@ -216,6 +221,7 @@ def extract(
         max_length=max_length, stride=stride, max_answer_length=max_answer_length,
         max_context_chars=max_context_chars, n_best=n_best, id_column=id_column,
         question_column=question_column, context_column=context_column, device=device, dtype=dtype,
+        questions=questions, text_column=text_column, min_score=min_score, null_margin=null_margin, top_k=top_k,
         input_format=input_format, shard_rows=shard_rows, shard_bytes=shard_bytes, resume=resume,
         overwrite=overwrite, local=local, ray_address=address, num_cpus=num_cpus))
     _run_job(run_extract, cfg, quiet, format_extract_summary)
@@ -307,6 +313,7 @@ def finetune(
     device: DeviceOpt = None,
     input_format: TrainFormatOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
+    negatives: Annotated[int | None, typer.Option("--negatives", help="Per training question, R unanswerable pairs (the question with a paragraph of another article, labelled [CLS]): teaches abstention.")] = None,
     overwrite: OverwriteOpt = None,
     quiet: QuietOpt = False,
     report: ReportOpt = False,
@@ -322,7 +329,7 @@ def finetune(
         seed=seed, max_steps=max_steps, epochs=epochs, min_steps=min_steps, learning_rate=learning_rate,
         batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio, max_length=max_length,
         stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
-        length_grouping=length_grouping))
+        length_grouping=length_grouping, negatives=negatives))
     try:
         stats = run_finetune(job, progress=_progress(quiet))
     except ConfigError as exc:

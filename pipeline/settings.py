@@ -17,7 +17,7 @@ from typing import Any, Self
 import yaml
 
 # json: one JSON array of records. Any format may be gzip/bzip2/zstd compressed.
-FORMATS = ("auto", "parquet", "jsonl", "json", "text", "textblocks", "wikiextractor", "squad")
+FORMATS = ("auto", "parquet", "jsonl", "json", "text", "textblocks", "wikiextractor", "squad", "mrqa")
 
 
 class ConfigError(ValueError):
@@ -211,10 +211,20 @@ class ExtractConfig(RunConfig):
     stride: int = 128
     max_query_length: int = 64
     max_answer_length: int = 30
-    max_context_chars: int = 100_000
+    # Paired rows: contexts longer than this are error rows (default 100000). Corpus mode: no limit
+    # unless given (a long document gets more windows).
+    max_context_chars: int | None = None
     n_best: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    # Corpus mode: a questions file asked of every document of INPUT (read as `mine` reads a corpus).
+    questions: str | None = None
+    text_column: str = "text"
+    # Abstention: answer only when score >= min_score and score - null_score > null_margin.
+    min_score: float | None = None
+    null_margin: float | None = None
+    # The N best distinct spans per question (n-best lists), across windows.
+    top_k: int = 0
 
     SCHEDULING = (*RunConfig.SCHEDULING, "num_actors", "gpus_per_actor", "cpus_per_actor", "batch_size",
                   "device", "dtype")
@@ -283,12 +293,18 @@ class ExtractConfig(RunConfig):
 
         if error := stride_error(self.max_length, self.stride, self.max_query_length):
             raise ConfigError("--" + error.replace("max_length ", "--max-length "))
-        if self.max_answer_length < 1 or self.n_best < 0 or self.max_context_chars < 1:
+        if self.max_answer_length < 1 or self.n_best < 0 or (self.max_context_chars or 1) < 1:
             raise ConfigError("max_answer_length and max_context_chars must be >= 1, n_best >= 0")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.questions and "://" not in self.questions and not os.path.isfile(self.questions):
+            raise ConfigError(f"--questions file not found: {self.questions}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
     def required_columns(self) -> dict[str, str]:
+        if self.questions:
+            return {self.text_column: "--text-column"}
         return {self.question_column: "--question-column", self.context_column: "--context-column"}

@@ -50,7 +50,8 @@ _CHUNK = 512
 # ------------------------------------------------------------------------------------------------ examples
 @dataclass(frozen=True)
 class QAExample:
-    """One training question with its first gold answer (character offsets into `context`)."""
+    """One training question with its first gold answer (character offsets into `context`); an
+    unanswerable one (a negative pair) has answer_text "" and answer_start -1."""
 
     id: str
     question: str
@@ -245,7 +246,10 @@ def _label_chunk(
     end = np.where(has_answer, end, 0)
 
     n = len(examples)
-    any_answer = np.bincount(sample, weights=has_answer, minlength=n) > 0
+    # An unanswerable example (answer_start < 0, e.g. `finetune --negatives`) is labelled [CLS] in every
+    # window, as SQuAD 2.0 training does, and is usable as such.
+    impossible = np.array([e.answer_start < 0 for e in examples], dtype=bool)
+    any_answer = (np.bincount(sample, weights=has_answer, minlength=n) > 0) | impossible
     any_cover = np.bincount(sample, weights=covers, minlength=n) > 0
     reason = np.where(any_answer, "", np.where(any_cover, "answer_has_no_tokens", "answer_not_in_any_window"))
     real = pos < lengths[:, None]  # row-major boolean indexing strips the padding, windows in order

@@ -92,7 +92,7 @@ def _chain(
     return QAPostprocess(n_best=n_best)(model(tokenize(batch)))
 
 
-def _naive_answer(model, tokenizer, question: str, context: str) -> tuple[float, int, int] | None:
+def _naive_answer(model, tokenizer, question: str, context: str) -> tuple[float, int, int, float] | None:
     """Best (score, start_char, end_char) by running each window alone and trying every pair."""
     enc = tokenizer(
         question,
@@ -104,11 +104,13 @@ def _naive_answer(model, tokenizer, question: str, context: str) -> tuple[float,
         return_offsets_mapping=True,
     )
     best = None
+    null = float("inf")  # run_qa's null score: [CLS] start + end, the lowest over the windows
     for w in range(len(enc["input_ids"])):
         ids = torch.tensor([enc["input_ids"][w]])
         types = torch.tensor([enc["token_type_ids"][w]])
         with torch.inference_mode():
             out = model(ids, token_type_ids=types)  # threads: 1, set by QAModel and restored after
+        null = min(null, float(out.start_logits[0, 0] + out.end_logits[0, 0]))
         ctx = np.array([s == 1 for s in enc.sequence_ids(w)])
         pairs = out.start_logits[0].numpy()[:, None] + out.end_logits[0].numpy()[None, :]  # (S, S) all pairs
         s_idx, e_idx = np.indices(pairs.shape)
@@ -118,12 +120,13 @@ def _naive_answer(model, tokenizer, question: str, context: str) -> tuple[float,
         s, e = np.unravel_index(np.argmax(np.where(allowed, pairs, -np.inf)), pairs.shape)
         if best is None or pairs[s, e] > best[0]:
             best = (float(pairs[s, e]), enc["offset_mapping"][w][s][0], enc["offset_mapping"][w][e][1])
-    return best
+    return (*best, null) if best else None
 
 
 def test_chain_keeps_rows_and_matches_naive_reference(checkpoint: Path, rows: list[dict]) -> None:
     out = _chain(checkpoint, _batch(rows))
-    assert set(out) == {"id", "question", "answer", "start_char", "end_char", "score", "error"}
+    assert set(out) == {"id", "question", "answer", "start_char", "end_char", "score", "null_score", "has_answer",
+                        "error"}
     assert [str(i) for i in out["id"]] == [str(r["id"]) for r in rows]  # rows out = rows in, same order
     assert out["start_char"].dtype == np.int32 and out["score"].dtype == np.float32
     errors = dict(zip(out["id"], out["error"], strict=True))
@@ -147,9 +150,11 @@ def test_chain_keeps_rows_and_matches_naive_reference(checkpoint: Path, rows: li
             continue
         assert out["answer"][i] == row["context"][out["start_char"][i] : out["end_char"][i]]
         assert out["answer"][i].strip()
-        score, start_char, end_char = _naive_answer(model, tokenizer, row["question"], row["context"])
+        score, start_char, end_char, null = _naive_answer(model, tokenizer, row["question"], row["context"])
         assert (int(out["start_char"][i]), int(out["end_char"][i])) == (start_char, end_char), row["id"]
         assert float(out["score"][i]) == pytest.approx(score, rel=1e-5, abs=1e-4)
+        assert float(out["null_score"][i]) == pytest.approx(null, rel=1e-5, abs=1e-4)
+        assert out["has_answer"][i]
         checked += 1
     assert checked == 30
 
@@ -224,7 +229,7 @@ def test_columns_survive_ray_arrow_conversion(checkpoint: Path, rows: list[dict]
         got, want = list(via_arrow[name]), list(direct[name])
         if name.startswith("nbest_"):
             assert [list(g) for g in got] == [list(w) for w in want], name
-        elif name == "score":
+        elif name in ("score", "null_score"):  # NaN where there is no span: compared as arrays
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         else:
             assert got == want, name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,17 @@ import pyarrow.dataset as pads
 
 from pipeline.engine.commit import is_complete
 from pipeline.storage.filesystems import filesystem
+from splinter.mrqa import is_mrqa, load_mrqa
 from splinter.squad import evaluate, load_squad
+
+
+def _is_mrqa_file(path: str) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    opener = gzip.open if p.read_bytes()[:2] == b"\x1f\x8b" else open
+    with opener(p, "rb") as f:
+        return is_mrqa(f.readline())
 
 
 def _read_table(path: str) -> list[dict[str, Any]]:
@@ -40,6 +51,8 @@ def load_predictions(path: str) -> tuple[dict[str, str | None], bool]:
 def load_gold(path: str) -> dict[str, list[str]]:
     if path.endswith(".json") and Path(path).is_file():
         return {r["id"]: r["answers"] for r in load_squad(path)}
+    if _is_mrqa_file(path):  # the authors' split files: scored against `answers`, as they did
+        return {r["id"]: r["gold_answers"] for r in load_mrqa(path)}
     rows = _read_table(path)
     if rows and "answers" not in rows[0]:
         raise ValueError(f"{path} needs 'id' and 'answers' (list of strings) columns, or be SQuAD JSON")

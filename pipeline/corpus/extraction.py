@@ -13,12 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.corpus.preflight import preflight
+from pipeline.corpus.questions import read_questions
 from pipeline.corpus.schemas import qa_schema
 from pipeline.engine.resources import Resources
 from pipeline.engine.runner import run_config
 from pipeline.engine.spec import JobSpec, StageSpec
 from pipeline.progress import Progress
 from pipeline.settings import ConfigError, ExtractConfig
+from pipeline.stages.corpus_qa import CorpusQATokenize
 from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
 from pipeline.storage.model_files import ShippedModel, read_checkpoint
 from pipeline.storage.sources import ReadOptions
@@ -33,6 +35,25 @@ def summarize_qa(table: pa.Table) -> dict[str, Any]:
         "answered": int(pc.sum(answered).as_py() or 0),
         "score_sum": float(np.sum(scores, dtype=np.float64)) if len(scores) else 0.0,
     }
+
+
+def summarize_corpus_qa(table: pa.Table) -> dict[str, Any]:
+    """As summarize_qa, plus every pair's error reason: the runner's `errors` count source rows
+    (documents), and one document holds many pairs."""
+    stats = summarize_qa(table)
+    reasons = pc.value_counts(pc.drop_null(table["error"])).to_pylist()
+    stats["pair_errors"] = {r["values"]: int(r["counts"]) for r in reasons}
+    return stats
+
+
+def _topk_candidates(cfg: ExtractConfig) -> int:
+    """n-best entries to decode so that `top_k` distinct character spans survive: overlapping windows can
+    hold the same span, at most ceil(room / step) windows share a token (room: context tokens per window,
+    step: room - stride; the shortest room, i.e. the longest question, is the worst case)."""
+    from splinter.tokenizer import PAIR_SPECIAL_TOKENS
+
+    room = cfg.max_length - cfg.max_query_length - PAIR_SPECIAL_TOKENS
+    return cfg.top_k * math.ceil(room / (room - cfg.stride))
 
 
 @dataclass(frozen=True)
@@ -166,32 +187,54 @@ def extract_spec(cfg: ExtractConfig, cluster: ClusterView, model: ShippedModel |
         light = 0.2
     token_res = Resources(num_cpus=light, batch_size=cfg.batch_size)
     post_res = Resources(num_cpus=light, batch_size=cfg.batch_size)
+    n_best = max(cfg.n_best, _topk_candidates(cfg)) if cfg.top_k else cfg.n_best
+    window_args = {"max_length": cfg.max_length, "stride": cfg.stride, "max_query_length": cfg.max_query_length}
+    config = cfg.output_fields()
+    if cfg.questions:
+        questions = read_questions(cfg.questions)
+        # The questions themselves, not only their file's name, decide the output: --resume refuses a change.
+        config["question_list"] = [[q.question_id, q.text] for q in questions]
+        fields = sorted({name for q in questions for name in q.fields})
+        read = ReadOptions(kind="documents", text_column=cfg.text_column, id_column=cfg.id_column,
+                           extra={"fields": fields})
+        # A batch of documents becomes documents x questions rows: keep it to about cfg.batch_size pairs.
+        docs_per_batch = max(1, cfg.batch_size // len(questions))
+        tokenize = StageSpec(CorpusQATokenize, {**window_args, "max_context_chars": cfg.max_context_chars,
+                                                "questions": [(q.question_id, q.text, q.fields) for q in questions]},
+                             Resources(num_cpus=light, batch_size=docs_per_batch), shared={"tokenizer": tokenizer})
+    else:
+        read = ReadOptions(kind="questions", id_column=cfg.id_column, question_column=cfg.question_column,
+                           context_column=cfg.context_column)
+        tokenize = StageSpec(QATokenize, {**window_args, "max_context_chars": cfg.max_context_chars or 100_000},
+                             token_res, shared={"tokenizer": tokenizer})
     return JobSpec(
         name="extract",
-        read=ReadOptions(kind="questions", id_column=cfg.id_column, question_column=cfg.question_column,
-                         context_column=cfg.context_column),
+        read=read,
         stages=[
-            StageSpec(QATokenize, {"max_length": cfg.max_length, "stride": cfg.stride,
-                                   "max_query_length": cfg.max_query_length,
-                                   "max_context_chars": cfg.max_context_chars}, token_res,
-                      shared={"tokenizer": tokenizer}),
+            tokenize,
             StageSpec(QAModel, {"device": plan.device, "dtype": cfg.dtype, "quantize": cfg.quantize,
-                                "max_answer_length": cfg.max_answer_length, "n_best": cfg.n_best,
+                                "max_answer_length": cfg.max_answer_length, "n_best": n_best,
                                 "num_threads": plan.num_threads}, plan.resources,
                       shared={"model": shipped}),
-            StageSpec(QAPostprocess, {"n_best": cfg.n_best}, post_res),
+            StageSpec(QAPostprocess, {"n_best": n_best, "min_score": cfg.min_score,
+                                      "null_margin": cfg.null_margin, "top_k": cfg.top_k}, post_res),
         ],
-        schema=qa_schema(cfg.n_best),
+        schema=qa_schema(n_best, corpus=bool(cfg.questions)),
         reason_column="error",
         drop_reason_rows=False,
-        summarize=summarize_qa,
-        config=cfg.output_fields(),
+        summarize=summarize_corpus_qa if cfg.questions else summarize_qa,
+        config=config,
     )
 
 
 def run_extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Validate, plan shards, run on Ray (or locally with cfg.local), return the job's stats."""
-    stats = run_config(cfg, lambda: extract_spec(cfg, cluster_view(cfg)), progress, lambda: preflight(cfg))
+    def checks() -> None:
+        preflight(cfg)
+        if cfg.questions:  # a bad questions file is one line before Ray starts, not a failure in the spec
+            read_questions(cfg.questions)
+
+    stats = run_config(cfg, lambda: extract_spec(cfg, cluster_view(cfg)), progress, checks)
     answered = stats.get("answered", 0)
     stats["mean_score"] = round(stats.pop("score_sum", 0.0) / answered, 4) if answered else None
     warning = _untrained_head_warning(cfg.model)
@@ -214,12 +257,13 @@ def _untrained_head_warning(model: str) -> str | None:
 
 def format_extract_summary(stats: dict[str, Any]) -> str:
     lines = [f"WARNING: {stats['warning']}"] if stats.get("warning") else []
+    corpus = "pair_errors" in stats
     lines += [
-        f"{'questions in':<28}{stats.get('rows_in', 0):>12,}",
+        f"{'documents in' if corpus else 'questions in':<28}{stats.get('rows_in', 0):>12,}",
         f"{'rows out':<28}{stats.get('rows_out', 0):>12,}",
         f"{'answered':<28}{stats.get('answered', 0):>12,}",
     ]
-    for reason, n in sorted(stats.get("errors", {}).items()):
+    for reason, n in sorted(stats.get("pair_errors" if corpus else "errors", {}).items()):
         lines.append(f"{'  error: ' + reason:<28}{n:>12,}")
     lines += [
         *([f"{'model':<28}{', '.join(stats['models'])}"] if stats.get("models") else []),

@@ -30,15 +30,21 @@ def mining_schema(layout: str = "collapsed") -> pa.Schema:
     return pa.schema(fields)
 
 
-def qa_schema(n_best: int = 0) -> pa.Schema:
-    """One row per input question; bad rows carry `error` and no answer."""
+def qa_schema(n_best: int = 0, corpus: bool = False) -> pa.Schema:
+    """One row per input question (corpus mode: per document and question); bad rows carry `error` and no
+    answer. `score` is the best span's start + end logit, `null_score` the [CLS] start + end (lowest over
+    the windows); `has_answer` is false where the model found no span or the job's abstention rule said no."""
+    keys = [pa.field("doc_id", pa.string()), pa.field("question_id", pa.string())] if corpus else [
+        pa.field("id", pa.string())]
     fields = [
-        pa.field("id", pa.string()),
+        *keys,
         pa.field("question", pa.string()),
         pa.field("answer", pa.string()),
         pa.field("start_char", pa.int32()),
         pa.field("end_char", pa.int32()),
         pa.field("score", pa.float32()),
+        pa.field("null_score", pa.float32()),
+        pa.field("has_answer", pa.bool_()),
         pa.field("error", pa.string()),
     ]
     if n_best:

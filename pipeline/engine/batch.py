@@ -74,6 +74,8 @@ def read_batch(shard_dicts: list[dict[str, Any]], opts: ReadOptions) -> Batch:
             r.update(_shard=shard.index, _row=i, _sub=0, _src=1, _den=1, _shard_rows=len(shard_rows))
         rows += shard_rows
     payload = ["doc_id", "text"] if opts.kind == "documents" else ["id", "question", "context"]
+    if opts.kind == "documents" and "fields" in opts.extra:
+        payload.append("fields")  # corpus QA's template fields (pipeline.storage.sources._document_row)
     return rows_to_batch(rows, payload + list(INTERNAL))
 
 

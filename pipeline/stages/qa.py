@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["QATokenize", "QAModel", "QAPostprocess"]
 
-_INPUT_COLUMNS = ("id", "question", "context")
+# doc_id / question_id: corpus mode's pair keys (pipeline.stages.corpus_qa), passed through as they are.
+_INPUT_COLUMNS = ("id", "question", "context", "doc_id", "question_id")
 _PAD_MULTIPLE = 8  # tensor cores and oneDNN kernels like sequence lengths that are multiples of 8
 
 
@@ -95,9 +96,10 @@ class QATokenize:
         max_length: int = 384,
         stride: int = 128,
         max_query_length: int = 64,
-        max_context_chars: int = 100_000,
+        max_context_chars: int | None = 100_000,
     ) -> None:
-        if max_context_chars < 1:
+        # None: no limit (corpus mode windows whole documents, however long).
+        if max_context_chars is not None and max_context_chars < 1:
             raise ValueError(f"max_context_chars must be >= 1, got {max_context_chars}")
         if max_query_length < 1:
             raise ValueError(f"max_query_length must be >= 1, got {max_query_length}")
@@ -126,7 +128,7 @@ class QATokenize:
             return "context_not_string"
         if not context.strip():
             return "empty_context"
-        if len(context) > self.max_context_chars:
+        if self.max_context_chars is not None and len(context) > self.max_context_chars:
             return "context_too_long"
         return ""
 
@@ -411,6 +413,7 @@ class QAModel:
             check=False,  # question_index is built right here, in range by construction
             max_windows_per_question=int(windows_per_row.max()) if n else 0,
         )
+        null_score = self._null_scores(start_logits, end_logits, question_index, n)
         window = spans.window.cpu().numpy()
         found = window >= 0
         safe_window = np.where(found, window, 0)
@@ -436,9 +439,22 @@ class QAModel:
             out["start_char"] = np.full(n, -1, dtype=np.int32)
             out["end_char"] = np.full(n, -1, dtype=np.int32)
         out["score"] = np.where(found, score, np.nan).astype(np.float32)
+        out["null_score"] = null_score
         if self.n_best:
             out.update(self._nbest_columns(spans, tok0, offsets))
         return out
+
+    def _null_scores(self, start: torch.Tensor, end: torch.Tensor, question_index: np.ndarray, n: int) -> np.ndarray:
+        """Each question's no-answer score: the [CLS] start + end logits, the lowest over its windows
+        (run_qa's SQuAD 2.0 rule: the window most sure that it holds an answer speaks for the question).
+        NaN for a question without windows."""
+        if start.shape[0] == 0:
+            return np.full(n, np.nan, dtype=np.float32)
+        per_window = start[:, 0] + end[:, 0]  # (W,) the [CLS] position is 0 in both paddings
+        null = torch.full((n,), float("inf"), device=per_window.device)
+        null.scatter_reduce_(0, self._to_device(question_index.astype(np.int64)), per_window, reduce="amin")
+        out = null.cpu().numpy().astype(np.float32)
+        return np.where(np.isfinite(out), out, np.nan).astype(np.float32)
 
     def _nbest_columns(self, spans: Any, tok0: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
         count = spans.nbest_count.cpu().numpy()
@@ -470,10 +486,25 @@ class QAPostprocess:
 
     resources = Resources(num_cpus=1, batch_size=256)
 
-    def __init__(self, n_best: int = 0) -> None:
+    def __init__(
+        self,
+        n_best: int = 0,
+        min_score: float | None = None,
+        null_margin: float | None = None,
+        top_k: int = 0,
+    ) -> None:
+        """Abstention: with `min_score` an answer needs `score >= min_score`; with `null_margin` it needs
+        `score - null_score > null_margin`; otherwise `answer` is null and `has_answer` false (the span
+        stays in the n-best lists). `top_k`: keep the k best *distinct character spans* of the n-best
+        list (overlapping windows find the same span twice; QAModel must be asked for enough of them)."""
         if n_best < 0:
             raise ValueError(f"n_best must be >= 0, got {n_best}")
+        if top_k < 0 or (top_k and n_best < top_k):
+            raise ValueError(f"top_k must be in [0, n_best={n_best}], got {top_k}")
         self.n_best = n_best
+        self.min_score = min_score
+        self.null_margin = null_margin
+        self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name in ("context", "error", "start_char", "end_char", "score"):
@@ -484,20 +515,30 @@ class QAPostprocess:
         n = len(contexts)
         answers: list[str | None] = [None] * n
         errors: list[str | None] = [str(e) if e else None for e in batch["error"]]
+        score = np.asarray(batch["score"], dtype=np.float32)
+        null = np.asarray(batch["null_score"], dtype=np.float32) if "null_score" in batch else np.full(n, np.nan)
+        confident = np.ones(n, dtype=bool)
+        with np.errstate(invalid="ignore"):  # NaN scores (no span) compare False: no answer either way
+            if self.min_score is not None:
+                confident &= score >= self.min_score
+            if self.null_margin is not None:
+                confident &= (score - null) > self.null_margin
         for i in range(n):
-            if errors[i] is None and start[i] >= 0:
+            if errors[i] is None and start[i] >= 0 and confident[i]:
                 answers[i] = contexts[i][start[i] : end[i]]
         found = np.array([a is not None for a in answers], dtype=bool)
+        scored = np.array([errors[i] is None and start[i] >= 0 for i in range(n)], dtype=bool)
         out: dict[str, np.ndarray] = {}
-        for name in ("id", "question"):
+        for name in ("id", "doc_id", "question_id", "question"):
             if name in batch:
                 out[name] = batch[name]
         out["answer"] = _object_array(answers)
         out["start_char"] = np.where(found, start, -1).astype(np.int32)
         out["end_char"] = np.where(found, end, -1).astype(np.int32)
-        out["score"] = np.where(found, np.asarray(batch["score"], dtype=np.float32), np.nan).astype(
-            np.float32
-        )
+        # Scores stay on abstained rows: they are what a user tunes --min-score / --null-margin on.
+        out["score"] = np.where(scored, score, np.nan).astype(np.float32)
+        out["null_score"] = np.where(scored, null, np.nan).astype(np.float32)
+        out["has_answer"] = found
         out["error"] = _object_array(errors)
         if self.n_best:
             for name in ("nbest_start_char", "nbest_end_char", "nbest_scores", "nbest_probabilities"):
@@ -520,4 +561,31 @@ class QAPostprocess:
             out["nbest_end_char"] = _object_array(
                 [np.asarray(v, dtype=np.int32) for v in batch["nbest_end_char"]]
             )
+            if self.top_k:
+                _keep_distinct(out, self.top_k)
         return out
+
+
+def _keep_distinct(out: dict[str, np.ndarray], k: int) -> None:
+    """Cut each row's n-best lists to its k best distinct (start_char, end_char) spans, best first; the
+    probabilities are a softmax over what is kept."""
+    names = ("nbest_answers", "nbest_scores", "nbest_start_char", "nbest_end_char")
+    kept: dict[str, list[Any]] = {name: [] for name in (*names, "nbest_probabilities")}
+    for i in range(len(out["nbest_scores"])):
+        seen: set[tuple[int, int]] = set()
+        rows = []
+        for j, span in enumerate(zip(out["nbest_start_char"][i], out["nbest_end_char"][i], strict=True)):
+            key = (int(span[0]), int(span[1]))
+            if key not in seen:
+                seen.add(key)
+                rows.append(j)
+            if len(rows) == k:
+                break
+        for name in names:
+            values = out[name][i]
+            kept[name].append([values[j] for j in rows] if name == "nbest_answers" else np.asarray(values)[rows])
+        scores = np.asarray(out["nbest_scores"][i], dtype=np.float64)[rows]
+        probs = np.exp(scores - scores.max()) if len(rows) else scores
+        kept["nbest_probabilities"].append((probs / probs.sum() if len(rows) else probs).astype(np.float32))
+    for name, values in kept.items():
+        out[name] = _object_array(values)

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.settings import ConfigError
 from pipeline.storage.filesystems import open_input, read_bytes, read_head, strip_codec_suffix
+from splinter.mrqa import is_mrqa, mrqa_rows
 
 PARQUET_EXT = (".parquet", ".pq")
 JSONL_EXT = (".jsonl", ".ndjson")
@@ -67,6 +68,8 @@ def _json_kind(path: str, size: int | None, version: str) -> str | None:
         return None
     obj = loads(first)
     if isinstance(obj, dict):
+        if is_mrqa(first):
+            return "mrqa"
         if rest.strip(BLANK):
             return "jsonl"
         if _is_squad(obj):
@@ -93,7 +96,8 @@ def detect_format(path: str, size: int | None = None, version: str = "", head: b
     if head.startswith(b"PAR1"):
         return "parquet"
     if name.endswith(JSONL_EXT):
-        return "jsonl"
+        # The MRQA shared task's files (the authors' few-shot splits) are JSON Lines behind a header line.
+        return "mrqa" if is_mrqa(_first_line(path, size)[0]) else "jsonl"
     body = head.lstrip(BLANK)
     if name.endswith(".json"):
         kind = _json_kind(path, size, version)
@@ -132,6 +136,15 @@ def parsed(path: str, version: str, fmt: str) -> list[tuple[int, dict[str, Any],
         _PARSED.move_to_end(key)
         return _PARSED[key]
     raw = read_bytes(path)
+    if fmt == "mrqa":
+        try:
+            rows = mrqa_rows(raw.decode("utf-8", errors="replace").splitlines(), path)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; pass --format if it is another format") from None
+        _PARSED[(path, version)] = records = [(i, row, "") for i, row in enumerate(rows)]
+        while len(_PARSED) > _PARSED_KEEP:
+            _PARSED.popitem(last=False)
+        return records
     try:
         doc = json.loads(raw.decode("utf-8", errors="replace"))
     except ValueError as exc:
@@ -160,12 +173,14 @@ def _squad_records(doc: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], s
                 yield n, {}, "malformed_squad"
                 n += 1
                 continue
-            for qa in qas:
+            for k, qa in enumerate(qas):
                 if not isinstance(qa, dict):
                     yield n, {}, "malformed_squad"
                 else:
+                    # question_index 0 marks a paragraph's first question: read as a corpus, a paragraph
+                    # is one document, taken from that record.
                     yield n, {"id": qa.get("id"), "question": qa.get("question"), "context": para.get("context"),
-                              "title": article.get("title")}, ""
+                              "title": article.get("title"), "question_index": k}, ""
                 n += 1
 
 

@@ -21,6 +21,7 @@ accounted for.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -146,7 +147,7 @@ def _probe(entry: InputFile, input_format: str, required: dict[str, str]) -> _Pr
                 raise ConfigError(f"{path} has no column {col!r} (columns: {', '.join(names)}); "
                                   f"pass {flag} NAME")
             probe.rows = pf.metadata.num_rows
-        elif fmt in ("squad", "json"):
+        elif fmt in ("squad", "json", "mrqa"):
             probe.rows = len(parsed(path, entry.version, fmt))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
@@ -191,7 +192,7 @@ def plan_shards(paths: list[str] | list[InputFile], input_format: str, shard_row
         path, fmt = p.entry.uri, p.format
         if fmt != "text":
             flush_text()
-        if fmt in ("parquet", "squad", "json"):
+        if fmt in ("parquet", "squad", "json", "mrqa"):
             for start, stop in _ranges(p.rows, eff_rows):
                 add(fmt, (path,), start, stop, p.entry.version)
         elif fmt == "jsonl" and not p.compressed:
@@ -294,7 +295,7 @@ def _parquet_records(shard: Shard, opts: ReadOptions) -> list[tuple[str, Any, st
     path = shard.paths[0]
     pf = _parquet(path)
     names = set(pf.schema_arrow.names)
-    wanted = [opts.text_column, opts.id_column] if opts.kind == "documents" else [
+    wanted = [opts.text_column, opts.id_column, *opts.extra.get("fields", ())] if opts.kind == "documents" else [
         opts.id_column, opts.question_column, opts.context_column]
     cols = [c for c in dict.fromkeys(wanted) if c in names]
     meta = pf.metadata
@@ -347,7 +348,14 @@ def read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
             rec = loads(line)
             err = "" if isinstance(rec, dict) else "not_an_object" if rec is not None else "invalid_json"
             records.append((_locate(path, offset), rec if isinstance(rec, dict) else {}, err))
-    elif shard.format in ("squad", "json"):
+    elif shard.format in ("squad", "mrqa") and opts.kind == "documents":
+        # A SQuAD file as a corpus: each paragraph once, read by the shard holding its first question.
+        for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
+            if err or rec.get("question_index") == 0:
+                context = rec.get("context")
+                doc = {opts.text_column: context, "title": rec.get("title")} if not err else {}
+                records.append((_locate(path, i), doc, err))
+    elif shard.format in ("squad", "json", "mrqa"):
         for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
             records.append((_locate(path, i), rec, err))
     elif shard.format == "text":
@@ -364,6 +372,9 @@ def read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
             rec = {opts.text_column: body}
             if "id" in attrs:
                 rec[opts.id_column] = attrs["id"]
+            for name in ("title", "url"):  # template fields of corpus QA ("Who founded {title}?")
+                if name in attrs:
+                    rec.setdefault(name, attrs[name])
             records.append((_locate(path, i), rec, ""))
     else:
         raise ValueError(f"unknown shard format {shard.format!r}")
@@ -392,7 +403,12 @@ def _document_row(loc: str, rec: dict[str, Any], err: str, opts: ReadOptions) ->
         err = "invalid_unicode"
     doc_id = str(doc_id) if doc_id is not None else (content_id(text) if not err else loc)
     # A record that could not be read is not mined (its text would be a guess); its reason is counted.
-    return {"doc_id": doc_id, "text": text if isinstance(text, str) and not err else None, "_error": err}
+    row = {"doc_id": doc_id, "text": text if isinstance(text, str) and not err else None, "_error": err}
+    if "fields" in opts.extra:
+        # Corpus QA's template fields, as one JSON object (absent fields are absent: that pair's error).
+        values = {name: _clean(rec[name])[0] for name in opts.extra["fields"] if name in rec and rec[name] is not None}
+        row["fields"] = json.dumps(values, default=str, ensure_ascii=False)
+    return row
 
 
 def _question_rows(loc: str, rec: dict[str, Any], err: str, opts: ReadOptions) -> list[dict[str, Any]]:

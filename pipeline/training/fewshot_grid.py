@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -272,9 +273,35 @@ def _dev_set(job: FewshotJob) -> tuple[list[dict[str, str]], dict[str, list[str]
         rows.append({"id": qid, "question": r["question"], "context": r["context"]})
         answers = r["answers"]
         gold[qid] = list(answers["text"]) if isinstance(answers, dict) else [a["text"] for a in answers]
+        if r.get("gold_answers"):  # MRQA: scored against `answers`, as the authors did
+            gold[qid] = list(r["gold_answers"])
     if len(gold) != len(rows):
         raise ConfigError(f"{job.dev}: question ids repeat; every DEV question needs its own id")
     return rows, gold
+
+
+_SPLIT_NAME = re.compile(r"-train-seed-(\d+)-num-examples-(\d+)\.jsonl(\.gz)?$")
+
+
+def split_files(path: str) -> dict[tuple[int, int], Path] | None:
+    """(K, seed) -> file for a directory of the authors' few-shot splits (`squad-train-seed-42-num-examples-16.jsonl`,
+    MRQA format), or None when `path` is not such a directory."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    found = {}
+    for f in sorted(p.iterdir()):
+        if m := _SPLIT_NAME.search(f.name):
+            found[int(m.group(2)), int(m.group(1))] = f
+    return found or None
+
+
+def _split_file(splits: dict[tuple[int, int], Path], train: str, k: int, seed: int) -> str:
+    if (k, seed) not in splits:
+        have = ", ".join(f"K={k_} seed={s_}" for k_, s_ in sorted(splits))
+        raise ConfigError(f"{train} has no split file for K={k} seed={seed} (it has {have}); pass --examples and "
+                          "--seeds that the directory holds")
+    return str(splits[k, seed])
 
 
 def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> dict[str, Any]:
@@ -296,9 +323,14 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> dict[str, 
     failed: dict[str, str] = {}
     if todo:
         dev_rows, gold = _dev_set(job)
-        train = read_qa_dataset(job.train, job.input_format)
         tokenizer = SplinterTokenizer.from_pretrained(job.model)
-        samples = {(k, s): sample_examples(train, k, s, tokenizer, job.training) for k, s in todo}
+        splits = split_files(job.train)
+        if splits is None:
+            train = read_qa_dataset(job.train, job.input_format)
+            samples = {(k, s): sample_examples(train, k, s, tokenizer, job.training) for k, s in todo}
+        else:  # the authors' own samples: run (K, seed) trains on all of its split file
+            samples = {(k, s): sample_examples(read_qa_dataset(_split_file(splits, job.train, k, s), "mrqa"), None,
+                                               s, tokenizer, job.training) for k, s in todo}
         init_ray(job.address, job.num_cpus)
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = job.training.device != "cpu" and gpus >= 1

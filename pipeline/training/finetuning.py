@@ -18,6 +18,7 @@ also as TensorBoard event files under `tensorboard/`.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -37,13 +38,15 @@ import torch
 
 from pipeline.progress import NullProgress, Progress
 from pipeline.settings import ConfigError
+from pipeline.training.negatives import add_negatives
 from pipeline.training.tensorboard_events import TENSORBOARD_DIR, EventLog
+from splinter.mrqa import is_mrqa, load_mrqa
 from splinter.qa_data import QAExample, build_training_windows
 from splinter.train import FinetuneConfig, FinetuneResult, resolve_device, total_steps, train_on_windows
 
 log = logging.getLogger(__name__)
 
-TRAIN_FORMATS = ("auto", "squad", "parquet", "jsonl", "disk")
+TRAIN_FORMATS = ("auto", "squad", "mrqa", "parquet", "jsonl", "disk")
 TRAINING_ARGS = "training_args.json"
 TRAINER_LOG = "trainer_log.jsonl"
 # Everything a fine-tuning run writes; --overwrite removes exactly these names and nothing else.
@@ -74,6 +77,9 @@ def detect_format(path: str) -> str:
         raise ConfigError(f"{path}: a directory without a saved dataset, Parquet or JSONL files")
     if p.suffix in (".parquet", ".pq"):
         return "parquet"
+    with (gzip.open(p, "rb") if p.read_bytes()[:2] == b"\x1f\x8b" else p.open("rb")) as f:
+        if is_mrqa(f.readline()):  # the authors' few-shot split files
+            return "mrqa"
     if p.suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     with p.open("rb") as f:
@@ -98,18 +104,21 @@ def read_qa_dataset(path: str, input_format: str = "auto", split: str = "train")
         raise ConfigError(f"format must be one of {', '.join(TRAIN_FORMATS)}, got {input_format!r}")
     fmt = detect_format(path) if input_format == "auto" else input_format
     try:
-        if fmt == "squad":
+        if fmt in ("squad", "mrqa"):
             from splinter.squad import load_squad
 
-            rows = load_squad(path)
-            ds = datasets.Dataset.from_dict(
-                {
-                    "id": [r["id"] for r in rows],
-                    "question": [r["question"] for r in rows],
-                    "context": [r["context"] for r in rows],
-                    "answers": [{"text": r["answers"], "answer_start": r["answer_starts"]} for r in rows],
-                }
-            )
+            rows = load_mrqa(path) if fmt == "mrqa" else load_squad(path)
+            columns = {
+                "id": [r["id"] for r in rows],
+                "question": [r["question"] for r in rows],
+                "context": [r["context"] for r in rows],
+                "answers": [{"text": r["answers"], "answer_start": r["answer_starts"]} for r in rows],
+                # An article per row: --negatives pairs a question with paragraphs of other articles.
+                "title": [r.get("title") or "" for r in rows],
+            }
+            if fmt == "mrqa":
+                columns["gold_answers"] = [r["gold_answers"] for r in rows]
+            ds = datasets.Dataset.from_dict(columns)
         elif fmt == "disk":
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
@@ -207,6 +216,8 @@ class FinetuneJob:
     overwrite: bool = False
     num_threads: int | None = None
     training: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Unanswerable pairs per training question (pipeline.training.negatives), labelled [CLS].
+    negatives: int = 0
 
     def validate(self) -> None:
         if not Path(self.model).is_dir() or not (Path(self.model) / "config.json").is_file():
@@ -215,6 +226,8 @@ class FinetuneJob:
             raise ConfigError(f"--examples must be >= 1, got {self.examples}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.num_threads}")
+        if self.negatives < 0:
+            raise ConfigError(f"--negatives must be >= 0, got {self.negatives}")
         if Path(self.output).resolve() == Path(self.model).resolve():
             raise ConfigError(f"the output {self.output} is the --model directory itself: name a new directory")
         try:
@@ -324,6 +337,7 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
         raise ConfigError(f"{job.train}: no usable training examples ({reasons})")
     if job.examples is not None and len(sample.examples) < job.examples:
         progress.log(f"[finetune] only {len(sample.examples)} usable examples in {job.train} (asked for {job.examples})")
+    training_examples = add_negatives(dataset, sample.examples, job.negatives, job.sample_seed)
     out = prepare_output(job.output, job.overwrite)
     if job.num_threads:
         torch.set_num_threads(job.num_threads)
@@ -338,6 +352,10 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
         if job.examples is not None
         else "all usable rows, in file order",
         "examples_used": len(sample.examples),
+        "negatives": job.negatives,
+        "negative_pairs": len(training_examples) - len(sample.examples),
+        "negatives_rule": "per question: paragraphs of other articles drawn with numpy default_rng(sample_seed), "
+        "labelled [CLS]" if job.negatives else None,
         "rows_considered": sample.considered,
         "rows_available": sample.available,
         "skipped": dict(sample.skipped),
@@ -363,7 +381,7 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
             progress.update(record["step"], info=f"loss {record['loss']:.4f}, lr {record['lr']:.2e}")
 
         try:
-            result, tokenizer, origin = finetune_examples(job.model, sample.examples, cfg, on_step, on_windows)
+            result, tokenizer, origin = finetune_examples(job.model, training_examples, cfg, on_step, on_windows)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         finally:
