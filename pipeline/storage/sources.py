@@ -43,7 +43,15 @@ from pipeline.storage.filesystems import (
     split_query,
     strip_codec_suffix,
 )
-from pipeline.storage.formats import PARQUET_EXT, detect_format, loads, parsed, wikiextractor_docs
+from pipeline.storage.formats import (
+    PARQUET_EXT,
+    TOO_DEEP,
+    detect_format,
+    loads,
+    parsed,
+    unicode_width,
+    wikiextractor_docs,
+)
 
 __all__ = ["InputFile", "ReadOptions", "Shard", "expand_inputs", "list_inputs",
            "plan_shards", "read_shard"]
@@ -134,6 +142,10 @@ def _probe(entry: InputFile, input_format: str, required: dict[str, str]) -> _Pr
             with open_input(path, entry.size) as f:
                 compressed = isinstance(f, pa.CompressedInputStream)
                 head = f.read(4096)
+        width = unicode_width(head) if fmt != "parquet" and not head.startswith(b"PAR1") else None
+        if width:
+            raise ConfigError(f"{path} is {width} text; convert it to UTF-8 (iconv -f {width} -t UTF-8) "
+                              "and run again")
         if input_format == "auto":
             fmt = detect_format(path, entry.size, entry.version, head)
         probe = _Probe(entry, fmt, compressed=compressed)
@@ -334,7 +346,18 @@ def _strings(col: pa.ChunkedArray) -> list[tuple[Any, str]]:
 
 
 def read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
-    """All rows of one shard, in a deterministic order."""
+    """All rows of one shard, in a deterministic order.
+
+    A file that breaks while read (a truncated .gz is only noticed at its end) stops the job with one
+    line naming it, not a bare stream error."""
+    try:
+        return _read_shard(shard, opts)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {shard.paths[0]}: {str(exc).strip().splitlines()[0]} "
+                          "(a truncated or corrupt file?); fix or remove it and run again with --resume") from None
+
+
+def _read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
     install_filesystems(opts.filesystems)
     records: list[tuple[str, Any, str]] = []  # (locator, record, read error)
     path = shard.paths[0]
@@ -345,7 +368,8 @@ def read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             rec = loads(line)
-            err = "" if isinstance(rec, dict) else "not_an_object" if rec is not None else "invalid_json"
+            err = "" if isinstance(rec, dict) else TOO_DEEP if rec is TOO_DEEP else \
+                "not_an_object" if rec is not None else "invalid_json"
             records.append((_locate(path, offset), rec if isinstance(rec, dict) else {}, err))
     elif shard.format in ("squad", "json"):
         for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
