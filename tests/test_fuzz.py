@@ -301,3 +301,50 @@ def test_extract_fuzz_ray_equals_local(tmp_path, tiny_qa_model, ray_session):
     assert by_id["bad-list#0"]["answer"] and by_id["bad-list#0"]["error"] is None
     assert ray_stats["errors"] == {"invalid_unicode": 4, "invalid_json": 1}
     assert ray_stats["answered"] == rows_expected - 5
+
+
+def test_walks_never_follow_directory_links_nor_leave_the_root_and_read_each_file_once(tmp_path):
+    (tmp_path / "parent.jsonl").write_text('{"text": "outside"}\n')
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.jsonl").write_text('{"text": "inside"}\n')
+    os.symlink("..", root / "sub" / "back")  # a loop
+    os.symlink("../sub", root / "sub" / "again")  # another loop
+    os.symlink("..", root / "up")  # out of the root
+    os.symlink("../parent.jsonl", root / "out.jsonl")  # a file out of the root
+    os.symlink("sub/a.jsonl", root / "0-link.jsonl")  # a second name, met first
+    assert [e.uri for e in list_inputs([str(root)])] == [str(root / "sub" / "a.jsonl")]
+
+
+def _bad_corpus(root: Path) -> int:
+    docs = _docs(6, skip=300)
+    root.mkdir()
+    deep = "[" * 10000 + "]" * 10000
+    (root / "deep.jsonl").write_text("\n".join([json.dumps(docs[0]), deep, json.dumps(docs[1])]) + "\n")
+    (root / "deep.json").write_text(deep)
+    (root / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(d) + "\n" for d in docs[2:6]).encode())
+    return 3 + 1 + 4
+
+
+def test_too_deep_json_is_one_counted_record_and_a_bom_is_stripped_ray_equals_local(tmp_path, ray_session):
+    records = _bad_corpus(tmp_path / "corpus")
+    common = dict(input=[str(tmp_path / "corpus")], max_seq_length=128, shard_rows=64, shard_bytes=64 << 10)
+    local = run_mine(MineConfig(output=str(tmp_path / "local"), local=True, **common))
+    ray_stats = run_mine(MineConfig(output=str(tmp_path / "ray"), num_workers=2, **common))
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+    for stats in (local, ray_stats):
+        assert stats["rows_in"] == records
+        assert stats["skipped"] == {"too_deep": 2}
+        assert stats["documents_used"] == records - 2
+
+
+def test_utf16_is_refused_naming_the_file_and_a_truncated_gz_is_named(tmp_path):
+    (tmp_path / "u16.jsonl").write_bytes('{"text": "a b c"}\n'.encode("utf-16"))
+    with pytest.raises(ConfigError, match="u16.jsonl is UTF-16"):
+        plan_shards(list_inputs([str(tmp_path / "u16.jsonl")]), "auto", 64, 1 << 20)
+    data = "".join(json.dumps(d) + "\n" for d in _docs(200)).encode()
+    packed = gzip.compress(data)
+    (tmp_path / "t.jsonl.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    with pytest.raises(ConfigError, match=r"t\.jsonl\.gz"):
+        for shard in plan_shards(list_inputs([str(tmp_path / "t.jsonl.gz")]), "auto", 64, 1 << 20):
+            read_shard(shard, ReadOptions(kind="documents"))
