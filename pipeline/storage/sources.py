@@ -354,7 +354,7 @@ def read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
         return _read_shard(shard, opts)
     except OSError as exc:
         raise ConfigError(f"cannot read {shard.paths[0]}: {str(exc).strip().splitlines()[0]} "
-                          "(a truncated or corrupt file?); fix or remove it and run again with --resume") from None
+                          "(a truncated or corrupt file?); fix or remove it, then run again") from None
 
 
 def _read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
