@@ -348,3 +348,22 @@ def test_utf16_is_refused_naming_the_file_and_a_truncated_gz_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"t\.jsonl\.gz"):
         for shard in plan_shards(list_inputs([str(tmp_path / "t.jsonl.gz")]), "auto", 64, 1 << 20):
             read_shard(shard, ReadOptions(kind="documents"))
+
+
+@pytest.mark.parametrize("text_column", ["text", "context"])
+def test_squad_is_mined_once_per_paragraph_with_a_stable_id_ray_equals_local(tmp_path, ray_session, text_column):
+    docs = _docs(3, skip=400)
+    paragraphs = [{"context": d["text"], "qas": [{"id": f"p{j}q{k}", "question": "Who?", "answers": []}
+                                                 for k in range(4)]} for j, d in enumerate(docs)]
+    squad = {"version": "1.1", "data": [{"title": "A", "paragraphs": paragraphs[:2]},
+                                        {"title": "B", "paragraphs": paragraphs[2:]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    common = dict(input=[str(tmp_path / "squad.json")], max_seq_length=128, shard_rows=5, text_column=text_column)
+    local = run_mine(MineConfig(output=str(tmp_path / "local"), local=True, **common))
+    ray_stats = run_mine(MineConfig(output=str(tmp_path / "ray"), num_workers=2, **common))
+    rows = _rows(tmp_path / "ray")
+    assert rows == _rows(tmp_path / "local") and rows
+    assert {r["doc_id"] for r in rows} <= {"A#0", "A#1", "B#0"}
+    for stats in (local, ray_stats):  # three paragraphs, each read once (not once per question)
+        assert stats["rows_in"] == stats["documents_used"] + sum(stats["skipped"].values()) == 3
+        assert not {"missing_text_column", "invalid_json"} & set(stats["skipped"]), stats["skipped"]

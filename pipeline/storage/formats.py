@@ -183,18 +183,19 @@ def _squad_records(doc: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], s
             yield n, {}, "malformed_squad"
             n += 1
             continue
-        for para in paragraphs:
+        for p, para in enumerate(paragraphs):
             qas = para.get("qas") if isinstance(para, dict) else None
             if not isinstance(qas, list):
                 yield n, {}, "malformed_squad"
                 n += 1
                 continue
-            for qa in qas:
+            for k, qa in enumerate(qas):
                 if not isinstance(qa, dict):
                     yield n, {}, "malformed_squad"
                 else:
+                    # `paragraph` and `first` let mining read each paragraph once (see sources.read_shard).
                     yield n, {"id": qa.get("id"), "question": qa.get("question"), "context": para.get("context"),
-                              "title": article.get("title")}, ""
+                              "title": article.get("title"), "paragraph": p, "first": k == 0}, ""
                 n += 1
 
 

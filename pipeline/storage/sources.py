@@ -371,6 +371,17 @@ def _read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
             err = "" if isinstance(rec, dict) else TOO_DEEP if rec is TOO_DEEP else \
                 "not_an_object" if rec is not None else "invalid_json"
             records.append((_locate(path, offset), rec if isinstance(rec, dict) else {}, err))
+    elif shard.format == "squad" and opts.kind == "documents":
+        # Mining reads SQuAD's paragraphs, not its questions: each context once, under an id that names
+        # its article and position (stable across runs and shard sizes).
+        for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
+            if err or not rec.get("first"):
+                if err:
+                    records.append((_locate(path, i), rec, err))
+                continue
+            title = rec.get("title")
+            doc_id = f"{title}#{rec['paragraph']}" if isinstance(title, str) else content_id(rec.get("context"))
+            records.append((_locate(path, i), {opts.text_column: rec.get("context"), opts.id_column: doc_id}, ""))
     elif shard.format in ("squad", "json"):
         for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
             records.append((_locate(path, i), rec, err))
