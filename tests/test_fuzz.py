@@ -10,6 +10,8 @@ import gzip
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -367,3 +369,26 @@ def test_squad_is_mined_once_per_paragraph_with_a_stable_id_ray_equals_local(tmp
     for stats in (local, ray_stats):  # three paragraphs, each read once (not once per question)
         assert stats["rows_in"] == stats["documents_used"] + sum(stats["skipped"].values()) == 3
         assert not {"missing_text_column", "invalid_json"} & set(stats["skipped"]), stats["skipped"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_truncated_gz_in_a_ray_job_exits_2_naming_it_and_an_uncreatable_output_too(tmp_path):
+    data = "".join(json.dumps(d) + "\n" for d in _docs(200)).encode()
+    packed = gzip.compress(data)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "t.jsonl.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    proc = _cli("mine", str(tmp_path / "in"), str(tmp_path / "out"), "-q")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read ") and "t.jsonl.gz" in last and "Traceback" not in proc.stderr
+    (tmp_path / "ok.jsonl").write_text(data.decode())
+    (tmp_path / "a-file").write_text("")  # creating a directory under a file fails, even as root
+    proc = _cli("mine", str(tmp_path / "ok.jsonl"), str(tmp_path / "a-file" / "out"), "--local", "-q")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+    assert "cannot create the output directory" in proc.stderr and "--resume" not in proc.stderr
