@@ -404,3 +404,22 @@ def test_a_ray_extract_console_shows_the_tools_lines_only(tmp_path, tiny_qa_mode
     assert proc.returncode == 0, proc.stderr[-3000:]
     for noise in ("core_worker.cc", "max_restarts", "SIGABRT", "Traceback", "*** "):
         assert noise not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_extract_counts_too_deep_json_and_reads_a_bom_ray_equals_local(tmp_path, tiny_qa_model, ray_session):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    qs = _questions(6)
+    deep = "[" * 10000 + "]" * 10000
+    (corpus / "deep.jsonl").write_text("\n".join([json.dumps(qs[0]), deep, json.dumps(qs[1])]) + "\n")
+    (corpus / "deep.json").write_text(deep)
+    (corpus / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(q) + "\n" for q in qs[2:6]).encode())
+    common = dict(input=[str(corpus)], model=str(tiny_qa_model), shard_rows=4, batch_size=8)
+    local = run_extract(ExtractConfig(output=str(tmp_path / "local"), local=True, **common))
+    ray_stats = run_extract(ExtractConfig(output=str(tmp_path / "ray"), **common))
+    ray_rows, local_rows = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
+    assert [(r["id"], r["answer"], r["error"]) for r in ray_rows] == [
+        (r["id"], r["answer"], r["error"]) for r in local_rows]
+    for stats in (local, ray_stats):
+        assert stats["rows_in"] == stats["rows_out"] == 8
+        assert stats["errors"] == {"too_deep": 2} and stats["answered"] == 6
