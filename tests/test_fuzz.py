@@ -423,3 +423,12 @@ def test_extract_counts_too_deep_json_and_reads_a_bom_ray_equals_local(tmp_path,
     for stats in (local, ray_stats):
         assert stats["rows_in"] == stats["rows_out"] == 8
         assert stats["errors"] == {"too_deep": 2} and stats["answered"] == 6
+
+
+def test_a_mine_that_skips_every_record_for_a_missing_text_column_says_so(tmp_path):
+    from pipeline.corpus.mining import format_mining_summary
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": d["text"]}) + "\n" for d in _docs(5)))
+    stats = run_mine(MineConfig(input=[str(tmp_path / "d.jsonl")], output=str(tmp_path / "out"), local=True))
+    assert stats["skipped"] == {"missing_text_column": 5}
+    assert "WARNING: no document had the text column" in format_mining_summary(stats)
