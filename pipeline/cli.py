@@ -125,6 +125,11 @@ def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
     except KeyboardInterrupt:
         _fail("interrupted: committed shards are kept; rerun with --resume to finish", code=130)
     except Exception as exc:  # a crash: still one line, never a page of Ray tracebacks
+        # A user error found inside a Ray worker (a truncated input file) reaches here wrapped by Ray.
+        said = _describe(exc)
+        for name in ("ConfigError: ", "pipeline.settings.ConfigError: "):
+            if said.startswith(name):
+                _fail(said[len(name):])
         _crash(exc)
     typer.echo(formatter(stats))
 

@@ -90,4 +90,9 @@ def format_mining_summary(stats: dict[str, Any]) -> str:
         f"{'output':<28}{stats.get('output', '')}",
         "top recurring n-grams: " + ", ".join(f"{k!r} ({v})" for k, v in list(stats.get("top_ngrams", {}).items())[:15]),
     ]
+    skipped = stats.get("skipped", {})
+    if stats.get("rows_in", 0) and skipped.get("missing_text_column", 0) == stats.get("rows_in"):
+        # Every record lacked the text column: a configuration mistake, not a property of the corpus.
+        lines.append("WARNING: no document had the text column, so nothing was mined; pass --text-column NAME "
+                     "(the field that holds each document's text)")
     return "\n".join(lines)

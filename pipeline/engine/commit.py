@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.engine.batch import batch_len, to_table
 from pipeline.engine.spec import Batch, JobSpec
 from pipeline.engine.stats import merge_stats
+from pipeline.settings import ConfigError
 from pipeline.storage.filesystems import filesystem, install_filesystems
 from pipeline.storage.sources import Shard
 
@@ -279,7 +280,12 @@ def prepare_output(output: str, spec: JobSpec, shards: list[Shard], resume: bool
         # --overwrite, or an earlier run that committed nothing (a failed start must not block the
         # rerun): only our own files are here (check_output made sure), so they all go.
         fs.delete_dir_contents(root)
-    fs.create_dir(root, recursive=True)
+    try:
+        fs.create_dir(root, recursive=True)
+    except OSError as exc:  # e.g. a parent that is a file, or not writable: the user's to fix
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ConfigError(f"cannot create the output directory {output}: {reason}; choose another output "
+                          "path") from None
     _write_json(fs, f"{root}/{JOB_FILE}", {"job": spec.name, "fingerprint": fingerprint, "config": spec.config,
                                            "shards": len(shards)})
     return done

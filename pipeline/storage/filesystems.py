@@ -192,6 +192,29 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
+def _local_walk(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    """Files under a local directory. Directory symlinks are not followed (a loop such as `sub/back -> ..`
+    cannot hang the walk, and `up -> ..` cannot lead out of the root); a file symlink is read only when
+    its target lies inside the root, and each real file once, however many names it has."""
+    real_root = os.path.realpath(root)
+    by_real: dict[str, str] = {}  # real path -> the name it is read under
+    for top, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            real = os.path.realpath(path)
+            link = os.path.islink(path)
+            if link and os.path.commonpath([real_root, real]) != real_root:
+                continue  # a link out of the input root
+            if not os.path.isfile(real):
+                continue  # a dangling link
+            # The file's own name wins over a link to it, whichever the walk meets first.
+            if real not in by_real or (not link and os.path.islink(by_real[real])):
+                by_real[real] = path
+    paths = sorted(by_real.values())
+    return fs.get_file_info(paths) if paths else []
+
+
 def list_files(item: str, exclude: str | None = None) -> list[InputFile]:
     """Files named by a path, a directory (walked recursively) or a glob; one listing each."""
     fs, inner = filesystem(item)
@@ -215,8 +238,11 @@ def list_files(item: str, exclude: str | None = None) -> list[InputFile]:
             info = fs.get_file_info(inner)
             if info.type == pafs.FileType.NotFound:
                 raise ConfigError(f"input not found: {item}")
-            if info.type == pafs.FileType.Directory:
+            if info.type == pafs.FileType.Directory and isinstance(fs, pafs.LocalFileSystem):
+                infos = _local_walk(fs, inner)
+            elif info.type == pafs.FileType.Directory:
                 infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+            if info.type == pafs.FileType.Directory:
                 found = [i for i in infos if i.type == pafs.FileType.File
                          and not _skipped(i.path[len(inner.rstrip('/')) + 1:])]
             else:

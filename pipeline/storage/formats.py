@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -30,11 +31,33 @@ _ATTR = re.compile(r'(\w+)="([^"]*)"')
 _CHUNK = 1 << 20
 
 
+TOO_DEEP = "too_deep"  # what `loads` returns for JSON nested deeper than the parser's recursion limit
+
+
 def loads(raw: bytes) -> Any:
+    """The JSON value of `raw`; None when it is not JSON, TOO_DEEP when it nests too deep to parse.
+
+    A UTF-8 byte order mark (editors on Windows write one) is not part of the record."""
     try:
-        return json.loads(raw.decode("utf-8", errors="replace"))
+        return json.loads(raw.decode("utf-8", errors="replace").lstrip("\ufeff"))
     except ValueError:
         return None
+    except RecursionError:  # json's C scanner stops cleanly at the recursion limit: one bad record
+        return TOO_DEEP
+
+
+def unicode_width(head: bytes) -> str | None:
+    """'UTF-16' or 'UTF-32' when a file's first bytes say so (a byte order mark, or NULs between ASCII)."""
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    sample = head[:64]
+    if len(sample) >= 8 and sample.count(0) * 4 >= len(sample) * 3 - 4:
+        return "UTF-32"
+    if len(sample) >= 4 and (sample[1::2].count(0) == len(sample[1::2]) or sample[0::2].count(0) == len(sample[0::2])):
+        return "UTF-16"
+    return None
 
 
 def _is_squad(obj: Any) -> bool:
@@ -146,7 +169,13 @@ def parsed(path: str, version: str, fmt: str) -> list[tuple[int, dict[str, Any],
             _PARSED.popitem(last=False)
         return records
     try:
-        doc = json.loads(raw.decode("utf-8", errors="replace"))
+        doc = json.loads(raw.decode("utf-8", errors="replace").lstrip("\ufeff"))
+    except RecursionError:
+        # Nested deeper than Python can parse: the whole file is one bad record, counted, not a crash.
+        print(f"WARNING: {path} nests JSON too deep to parse; counted as one bad record ({TOO_DEEP})",
+              file=sys.stderr)
+        _PARSED[key] = [(0, {}, TOO_DEEP)]
+        return _PARSED[key]
     except ValueError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); fix it, or pass --format jsonl if it holds "
                           "one record per line") from None
@@ -167,7 +196,7 @@ def _squad_records(doc: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], s
             yield n, {}, "malformed_squad"
             n += 1
             continue
-        for para in paragraphs:
+        for p, para in enumerate(paragraphs):
             qas = para.get("qas") if isinstance(para, dict) else None
             if not isinstance(qas, list):
                 yield n, {}, "malformed_squad"
@@ -177,10 +206,10 @@ def _squad_records(doc: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], s
                 if not isinstance(qa, dict):
                     yield n, {}, "malformed_squad"
                 else:
-                    # question_index 0 marks a paragraph's first question: read as a corpus, a paragraph
-                    # is one document, taken from that record.
+                    # question_index 0 marks a paragraph's first question: read as a corpus (mine, extract
+                    # --questions), a paragraph is one document, taken from that record.
                     yield n, {"id": qa.get("id"), "question": qa.get("question"), "context": para.get("context"),
-                              "title": article.get("title"), "question_index": k}, ""
+                              "title": article.get("title"), "paragraph": p, "question_index": k}, ""
                 n += 1
 
 

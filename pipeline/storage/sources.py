@@ -44,7 +44,15 @@ from pipeline.storage.filesystems import (
     split_query,
     strip_codec_suffix,
 )
-from pipeline.storage.formats import PARQUET_EXT, detect_format, loads, parsed, wikiextractor_docs
+from pipeline.storage.formats import (
+    PARQUET_EXT,
+    TOO_DEEP,
+    detect_format,
+    loads,
+    parsed,
+    unicode_width,
+    wikiextractor_docs,
+)
 
 __all__ = ["InputFile", "ReadOptions", "Shard", "expand_inputs", "list_inputs",
            "plan_shards", "read_shard"]
@@ -135,6 +143,10 @@ def _probe(entry: InputFile, input_format: str, required: dict[str, str]) -> _Pr
             with open_input(path, entry.size) as f:
                 compressed = isinstance(f, pa.CompressedInputStream)
                 head = f.read(4096)
+        width = unicode_width(head) if fmt != "parquet" and not head.startswith(b"PAR1") else None
+        if width:
+            raise ConfigError(f"{path} is {width} text; convert it to UTF-8 (iconv -f {width} -t UTF-8) "
+                              "and run again")
         if input_format == "auto":
             fmt = detect_format(path, entry.size, entry.version, head)
         probe = _Probe(entry, fmt, compressed=compressed)
@@ -335,7 +347,18 @@ def _strings(col: pa.ChunkedArray) -> list[tuple[Any, str]]:
 
 
 def read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
-    """All rows of one shard, in a deterministic order."""
+    """All rows of one shard, in a deterministic order.
+
+    A file that breaks while read (a truncated .gz is only noticed at its end) stops the job with one
+    line naming it, not a bare stream error."""
+    try:
+        return _read_shard(shard, opts)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {shard.paths[0]}: {str(exc).strip().splitlines()[0]} "
+                          "(a truncated or corrupt file?); fix or remove it, then run again") from None
+
+
+def _read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
     install_filesystems(opts.filesystems)
     records: list[tuple[str, Any, str]] = []  # (locator, record, read error)
     path = shard.paths[0]
@@ -346,15 +369,21 @@ def read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             rec = loads(line)
-            err = "" if isinstance(rec, dict) else "not_an_object" if rec is not None else "invalid_json"
+            err = "" if isinstance(rec, dict) else TOO_DEEP if rec is TOO_DEEP else \
+                "not_an_object" if rec is not None else "invalid_json"
             records.append((_locate(path, offset), rec if isinstance(rec, dict) else {}, err))
     elif shard.format in ("squad", "mrqa") and opts.kind == "documents":
-        # A SQuAD file as a corpus: each paragraph once, read by the shard holding its first question.
+        # A SQuAD or MRQA file as a corpus: each paragraph once (read by the shard holding its first
+        # question), under an id naming its article and position, stable across runs and shard sizes.
         for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
-            if err or rec.get("question_index") == 0:
-                context = rec.get("context")
-                doc = {opts.text_column: context, "title": rec.get("title")} if not err else {}
-                records.append((_locate(path, i), doc, err))
+            if err:
+                records.append((_locate(path, i), rec, err))
+            elif rec.get("question_index") == 0:
+                title = rec.get("title")
+                doc_id = (f"{title}#{rec['paragraph']}" if isinstance(title, str) and title and "paragraph" in rec
+                          else content_id(rec.get("context")))
+                records.append((_locate(path, i), {opts.text_column: rec.get("context"), opts.id_column: doc_id,
+                                                   "title": title}, ""))
     elif shard.format in ("squad", "json", "mrqa"):
         for i, rec, err in parsed(path, shard.version, shard.format)[shard.start:shard.stop]:
             records.append((_locate(path, i), rec, err))
