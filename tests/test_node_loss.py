@@ -1,0 +1,75 @@
+"""Losing a node mid-job on a real two-node cluster (a `ray start --head` plus a `ray start --address`
+worker on this machine): the job finishes with the uninterrupted output, or stops in one line within
+its stall timeout and --resume finishes it identically. Never a hang."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from cluster_fixture import VENV_BIN, LocalCluster, local_cluster
+from conftest import ROOT
+from node_cluster import worker_node
+
+pytestmark = pytest.mark.cluster
+
+WIKI = ROOT / "data" / "wiki_sample.jsonl"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with local_cluster(num_cpus=1) as running:
+        yield running
+
+
+def _read(out: Path) -> pa.Table:
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("shard-*.parquet"))])
+    return table.sort_by([(c, "ascending") for c in ("doc_id", "seq_index")])
+
+
+def _splinter(args: list[str], env: dict[str, str] | None, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "splinter"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_mine_survives_losing_the_worker_node(cluster: LocalCluster, tmp_path: Path) -> None:
+    corpus = tmp_path / "docs.jsonl"
+    with WIKI.open() as f:
+        corpus.write_text("".join(next(f) for _ in range(400)))
+    common = ["--max-seq-length", "256", "--shard-rows", "20", "--shard-bytes", "16384", "-q"]
+    clean = tmp_path / "clean"
+    done = _splinter(["mine", str(corpus), str(clean), "--local", *common], None, 120)
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "out"
+    env = {**cluster.client_env(token=cluster.token, address=cluster.gcs_address), "RAY_AUTH_MODE": "token"}
+    args = ["mine", str(corpus), str(out), "--address", cluster.gcs_address, "--stall-timeout", "0.5", *common]
+    with worker_node(cluster) as node:
+        proc = subprocess.Popen([str(VENV_BIN / "splinter"), *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        # Mid-job: after the first shard is committed, while others are in flight on both nodes.
+        deadline = time.monotonic() + 90
+        while not list(out.glob("shard-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the job finished before the node could be killed: give it more work"
+        assert node.kill() > 0
+        try:
+            stdout, stderr = proc.communicate(timeout=120)  # the stall timeout is 30 s: never a hang
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the job hung after losing a node")
+    if proc.returncode != 0:
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(lines) == 1 and "--resume" in lines[0], stderr[-2000:]
+        resumed = _splinter([*args, "--resume"], env, 120)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "_SUCCESS").exists() or any(out.glob("**/_SUCCESS"))
+    assert _read(out).equals(_read(clean))
+    stats = json.loads(next(out.glob("**/stats.json")).read_text())
+    assert stats["rows_out"] == _read(clean).num_rows
