@@ -39,6 +39,7 @@ OverwriteOpt = Annotated[bool | None, typer.Option("--overwrite/--no-overwrite",
 LocalOpt = Annotated[bool | None, typer.Option("--local/--no-local", help="Run the stages in a plain local loop, without Ray.", show_default=False)]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded local Ray).")]
 CpusOpt = Annotated[int | None, typer.Option("--num-cpus", help="CPUs for the embedded local Ray (default: all).")]
+StallOpt = Annotated[float | None, typer.Option("--stall-timeout", help="Minutes without any row or shard progressing before a Ray job is stopped in one line (exit 1; --resume finishes it). Default 30.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only the summary.")]
 ReportOpt = Annotated[bool, typer.Option("--report/--no-report", help="Also write the run's report page (`splinter report`) when the job ends.")]
 
@@ -115,6 +116,7 @@ def _build_settings(cls: type, config: Path | None, flags: dict[str, Any], neste
 
 def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
     from pipeline.engine.commit import OutputExistsError
+    from pipeline.engine.watchdog import StallError
     from pipeline.settings import ConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -122,6 +124,8 @@ def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
         stats = fn(cfg, progress=_progress(quiet))
     except (ConfigError, OutputExistsError) as exc:
         _fail(str(exc))
+    except StallError as exc:  # the watchdog's own line already says what happened and what to do
+        _fail(f"the job {exc}", code=1)
     except KeyboardInterrupt:
         _fail("interrupted: committed shards are kept; rerun with --resume to finish", code=130)
     except Exception as exc:  # a crash: still one line, never a page of Ray tracebacks
@@ -162,6 +166,7 @@ def mine(
     local: LocalOpt = None,
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
+    stall_timeout: StallOpt = None,
     quiet: QuietOpt = False,
     report: ReportOpt = False,
 ) -> None:
@@ -174,7 +179,7 @@ def mine(
         max_span_length=max_span_length, max_questions=max_questions, layout=layout, dupe_factor=dupe_factor, num_workers=num_workers,
         text_column=text_column, id_column=id_column, input_format=input_format, shard_rows=shard_rows,
         shard_bytes=shard_bytes, resume=resume, overwrite=overwrite, local=local, ray_address=address,
-        num_cpus=num_cpus))
+        num_cpus=num_cpus, stall_timeout=stall_timeout))
     _run_job(run_mine, cfg, quiet, format_mining_summary)
     _maybe_report(report, cfg.output)
 
@@ -213,6 +218,7 @@ def extract(
     local: LocalOpt = None,
     address: AddressOpt = None,
     num_cpus: CpusOpt = None,
+    stall_timeout: StallOpt = None,
     quiet: QuietOpt = False,
     report: ReportOpt = False,
 ) -> None:
@@ -228,7 +234,8 @@ def extract(
         question_column=question_column, context_column=context_column, device=device, dtype=dtype,
         questions=questions, text_column=text_column, min_score=min_score, null_margin=null_margin, top_k=top_k,
         input_format=input_format, shard_rows=shard_rows, shard_bytes=shard_bytes, resume=resume,
-        overwrite=overwrite, local=local, ray_address=address, num_cpus=num_cpus))
+        overwrite=overwrite, local=local, ray_address=address, num_cpus=num_cpus,
+        stall_timeout=stall_timeout))
     _run_job(run_extract, cfg, quiet, format_extract_summary)
     _maybe_report(report, cfg.output)
 

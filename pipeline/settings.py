@@ -95,6 +95,10 @@ class RunConfig:
     ray_address: str | None = None
     local: bool = False
     num_cpus: int | None = None
+    # Minutes without a row or shard moving before a Ray job is stopped (one line, exit 1, --resume):
+    # long enough for a model load or a node replacement on a slow cluster, short enough that a job
+    # stuck after a node loss is stopped before anyone wonders where the output is.
+    stall_timeout: float = 30.0
 
     def validate(self) -> None:
         if not self.input:
@@ -112,6 +116,8 @@ class RunConfig:
                 raise ConfigError(f"input not found: {path}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"num_cpus must be >= 1, got {self.num_cpus}")
+        if not self.stall_timeout > 0:
+            raise ConfigError(f"stall_timeout must be > 0 minutes, got {self.stall_timeout}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> Self:
@@ -132,7 +138,7 @@ class RunConfig:
         return cls(**data)
 
     # Fields that change how a run is scheduled or where it goes, never the rows it writes.
-    SCHEDULING = ("output", "resume", "overwrite", "ray_address", "local", "num_cpus")
+    SCHEDULING = ("output", "resume", "overwrite", "ray_address", "local", "num_cpus", "stall_timeout")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

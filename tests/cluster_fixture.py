@@ -44,6 +44,7 @@ class LocalCluster:
     temp_dir: Path
     log: Path
     env: dict[str, str] = field(repr=False)  # environment the cluster runs in
+    gcs_address: str = ""  # host:port a `ray start --address` worker node (or a driver) joins
 
     def client_env(self, *, token: str | None = None, address: str | None = None) -> dict[str, str]:
         """Environment for a client subprocess: a fresh HOME, RAY_ADDRESS set, and `token` if given."""
@@ -100,9 +101,10 @@ def local_cluster(num_cpus: int = 2, start_timeout_s: float = 90.0) -> Iterator[
     )
     dashboard_port = free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
+    gcs_port = free_port()
     args = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
-        f"--port={free_port()}",
+        f"--port={gcs_port}",
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
@@ -130,7 +132,8 @@ def local_cluster(num_cpus: int = 2, start_timeout_s: float = 90.0) -> Iterator[
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-    cluster = LocalCluster(address=address, token=token, home=home, temp_dir=temp_dir, log=log, env=env)
+    cluster = LocalCluster(address=address, token=token, home=home, temp_dir=temp_dir, log=log, env=env,
+                           gcs_address=f"127.0.0.1:{gcs_port}")
     try:
         deadline = time.monotonic() + start_timeout_s
         while _http_status(f"{address}/api/version", token) != 200:

@@ -54,3 +54,21 @@ class SlowUpper:
 
         time.sleep(self.seconds)
         return {**batch, "upper": np.asarray([str(w).upper() for w in batch["text"]], dtype=object)}
+
+
+class StallWhile:
+    """A 1:1 task stage that hangs while `flag` exists (at most `cap` seconds): a stand-in for a stage
+    whose input was lost with a node and is never rebuilt."""
+
+    resources = Resources(num_cpus=1, batch_size=4)
+
+    def __init__(self, flag: str, cap: float = 60.0) -> None:
+        self.flag, self.cap = flag, cap
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        deadline = time.monotonic() + self.cap
+        while os.path.exists(self.flag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return dict(batch)

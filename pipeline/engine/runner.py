@@ -24,6 +24,7 @@ applying a stage), `pipeline.engine.commit` (parts, commits, the output director
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import dataclasses
 import json
@@ -49,6 +50,7 @@ from pipeline.engine.commit import (
 from pipeline.engine.resources import Resources
 from pipeline.engine.spec import Batch, JobSpec, StageSpec
 from pipeline.engine.stats import merge_stats
+from pipeline.engine.watchdog import StallError, Watchdog
 from pipeline.progress import NullProgress, Progress
 from pipeline.storage.filesystems import export_filesystems
 from pipeline.storage.sources import ReadOptions, Shard, list_inputs, plan_shards, read_shard
@@ -104,6 +106,11 @@ class _Tracker:
             if model_rows is not None:
                 self.model_rows = max(model_rows, self.model_rows or 0)
             written = int(self.rows_seen)
+            if self.model_rows is not None:
+                # Every written row went through the model. After a node loss the actors' own counts
+                # can fall behind (a restarted actor's batches, counts lost with the node), and a
+                # progress line saying fewer rows went through the model than were written is a lie.
+                self.model_rows = max(self.model_rows, written)
             if self.model_rows is None:
                 self.progress.update(self.already_done + len(self.done), rows=written)
             else:
@@ -249,9 +256,12 @@ class _Monitor:
 
 
 def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress, already_done: int = 0,
-            stage_overrides: dict[int, Resources] | None = None
+            stage_overrides: dict[int, Resources] | None = None, stall_timeout_s: float | None = None
             ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
     """Stream shards through Ray Data: read tasks -> stage tasks/actor pools -> part writers.
+
+    With `stall_timeout_s`, a job in which no row or shard moved for that long stops with StallError
+    (committed shards kept, --resume finishes): a lost node must never leave the driver waiting forever.
 
     Returns each shard's stats and what the job's actors reported about themselves (`models`: e.g.
     "cuda:0 bfloat16") with `model_ready_s`, how long after the start the first one was built.
@@ -272,7 +282,14 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             if id(value) not in refs_by_object:
                 refs_by_object[id(value)] = ray.put(value)
         shared.append({name: refs_by_object[id(value)] for name, value in stage.shared.items()})
-    monitor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)(_Monitor).remote()
+    # The monitor lives on the driver's node: a worker node that dies must not take the job's commits
+    # and counts with it. Retries are bounded: an errand that cannot be delivered after a restart or
+    # two is an error the driver reports, never a resubmission loop that waits forever.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    monitor = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3, max_concurrency=4,
+                         scheduling_strategy=here)(_Monitor).remote()
     # Reading a shard is cheap: give it the first stage's CPU share and task pool so Ray fuses the
     # two into one task. As a separate operator, read tasks would queue for CPUs the stage holds.
     first = resources[0] if resources else Resources()
@@ -320,6 +337,19 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     has_actors = any(r.actors for r in resources)
     labels: list[str] = []
     stop = threading.Event()
+    stalled: list[str] = []
+    watchdog = None
+    if stall_timeout_s:
+        watchdog = Watchdog(stall_timeout_s, lambda: _stall_report(spec, tracker, resources),
+                            lambda message: (stalled.append(message), _thread.interrupt_main()))
+    moved: list[Any] = [None]
+
+    def beat() -> None:
+        # Any row through the model, row written or shard committed counts as progress.
+        now = (tracker.model_rows, tracker.rows_seen, len(tracker.done))
+        if watchdog is not None and now != moved[0]:
+            moved[0] = now
+            watchdog.beat()
 
     def tick() -> None:
         # Receipts only arrive when a shard's rows reach the writer; between them, poll the model
@@ -331,9 +361,12 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
                 if has_actors:
                     rows, labels[:] = ray.get(monitor.counts.remote(), timeout=10)
             tracker.report(rows)
+            beat()
 
     ticker = threading.Thread(target=tick, name="progress", daemon=True)
     ticker.start()
+    if watchdog is not None:
+        watchdog.start()
     try:
         # prefetch_batches=0: with Ray's default of 1, iter_batches holds every block back until the
         # next one exists, so each receipt (and the commit it completes) reached the driver one block
@@ -341,6 +374,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
         for receipts in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             tracker.feed(receipts)
             tracker.report()
+            beat()
             if pending:
                 ready, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0)
                 ray.get(ready)  # surface commit failures early
@@ -356,10 +390,32 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             tracker.report(rows)
             ready = ray.get(monitor.ready_at.remote())
             extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None}
+    except KeyboardInterrupt:
+        if stalled:  # the watchdog interrupted the driver: say why, in its one line
+            raise StallError(stalled[0]) from None
+        raise
     finally:
         stop.set()
+        if watchdog is not None:
+            watchdog.stop()
         ray.kill(monitor)
     return {i: tracker.stats[i] for i in tracker.done}, extra
+
+
+def _stall_report(spec: JobSpec, tracker: _Tracker, resources: list[Resources]) -> tuple[str, str]:
+    """(the stage that stalled, what was committed) for the watchdog's line."""
+    names = [s.cls.__name__ for s in spec.stages]
+    actors = [n for n, r in zip(names, resources, strict=True) if r.actors]
+    written = int(tracker.rows_seen)
+    if actors and (tracker.model_rows or 0) <= written:
+        stage = f"the {spec.name} job's {actors[0]} stage"  # nothing new came out of the model
+    elif actors:
+        stage = f"the {spec.name} job's writer"  # the model moved, nothing reached the output
+    else:
+        stage = f"the {spec.name} job's {' -> '.join(['read', *names])} stages"
+    total = tracker.already_done + len(tracker.shards)
+    return stage, (f"{tracker.already_done + len(tracker.done)} of {total} shards committed "
+                   f"({written:,} rows written) and kept")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -397,7 +453,8 @@ def _local_object_store_bytes() -> int:
 
 def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray", resume: bool = False,
         overwrite: bool = False, progress: Progress | None = None,
-        stage_overrides: dict[int, Resources] | None = None) -> dict[str, Any]:
+        stage_overrides: dict[int, Resources] | None = None,
+        stall_timeout_s: float | None = None) -> dict[str, Any]:
     """Run a job to completion; return the merged stats (also written to OUT/__splinter__/stats.json)."""
     start = time.perf_counter()
     # The driver's storage clients travel with the job: workers reuse them instead of building their own.
@@ -415,7 +472,7 @@ def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray",
             stats, extra = run_local(spec, todo, output, progress, len(done))
             held.update(stats)
         elif todo and engine == "ray":
-            stats, extra = run_ray(spec, todo, output, progress, len(done), stage_overrides)
+            stats, extra = run_ray(spec, todo, output, progress, len(done), stage_overrides, stall_timeout_s)
             held.update(stats)
         elif todo:
             raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
@@ -441,4 +498,4 @@ def run_config(cfg: Any, make_spec: Callable[[], JobSpec], progress: Progress | 
         init_ray(cfg.ray_address, cfg.num_cpus)
     # The spec is built after Ray is up: it may size stages by the cluster's resources.
     return run(make_spec(), shards, cfg.output, engine="local" if cfg.local else "ray", resume=cfg.resume,
-               overwrite=cfg.overwrite, progress=progress)
+               overwrite=cfg.overwrite, progress=progress, stall_timeout_s=cfg.stall_timeout * 60)

@@ -1,0 +1,68 @@
+"""A second node for the cluster of tests/cluster_fixture.py: a worker raylet on this machine that a
+test can kill with SIGKILL mid-job, as a cloud would take a node away."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cluster_fixture import MARKER, VENV_BIN, LocalCluster, _die_with_parent, _pids_with_marker, free_port
+
+
+@dataclass
+class WorkerNode:
+    proc: subprocess.Popen
+    marker: str
+
+    def kill(self) -> int:
+        """SIGKILL the node: its raylet, its object store and every worker process on it. -> count."""
+        pids = _pids_with_marker(self.marker)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        return len(pids)
+
+
+@contextlib.contextmanager
+def worker_node(cluster: LocalCluster, num_cpus: int = 1, start_timeout_s: float = 60.0) -> Iterator[WorkerNode]:
+    """Join a worker node to `cluster`; wait until the cluster sees it; always tear it down."""
+    marker = uuid.uuid4().hex
+    env = {**cluster.env, MARKER: marker}
+    args = [
+        str(VENV_BIN / "ray"), "start", "--block", f"--address={cluster.gcs_address}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--object-store-memory={256 * 1024 * 1024}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log = cluster.log.parent / f"worker-{marker[:8]}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    node = WorkerNode(proc, marker)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        # `ray start` says so only once the node registered with the head's GCS.
+        while b"Ray runtime started" not in log.read_bytes():
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker `ray start` exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker node not up after {start_timeout_s}s:\n{log.read_text()[-2000:]}")
+            time.sleep(1)
+        yield node
+    finally:
+        node.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
