@@ -176,6 +176,7 @@ def _fill_nbest(
     """Merge each question's per-window candidates into its global n-best list."""
     device = cand_score.device
     num_windows, k_win = cand_score.shape
+    stride = max(stride, 1)  # windows of no tokens (a batch of error rows) have no candidates to encode
     # Rank of each window within its question, to lay candidates out as (Q, max_windows * k_win).
     order = torch.sort(question_index, stable=True).indices
     sorted_q = question_index[order]

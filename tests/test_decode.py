@@ -99,6 +99,10 @@ def test_no_valid_span_and_empty_input() -> None:
     empty = torch.zeros(0, 8)
     spans = best_spans(empty, empty, empty.bool(), torch.zeros(0, dtype=torch.long), 3, n_best=2)
     assert spans.window.tolist() == [-1, -1, -1] and spans.nbest_window.shape == (3, 2)
+    # A batch of error rows only: no window and no token at all (the QA job's n-best path once divided by 0).
+    none = torch.zeros(0, 0)
+    spans = best_spans(none, none, none.bool(), torch.zeros(0, dtype=torch.long), 2, n_best=3)
+    assert spans.window.tolist() == [-1, -1] and spans.nbest_count.tolist() == [0, 0]
 
 
 def test_low_precision_logits_and_bad_arguments() -> None:
