@@ -144,7 +144,11 @@ def test_extract_report(extracted):
     assert page.cards["answered"] == fmt(stats["answered"])
     assert page.cards["errors"] == fmt(sum(stats["errors"].values())) == "2"
     assert page.cards["mean_score"] == fmt(round(stats["score_sum"] / stats["answered"], 4))
-    assert page.charts == ["chart-scores", "chart-answer-length", "chart-answers-per-question"]
+    # Every extract output carries null_score and has_answer (abstention), so their views are drawn too.
+    assert page.charts == ["chart-scores", "chart-null-scores", "chart-answer-length", "chart-answers-per-question"]
+    answered = pq.read_table(extracted, columns=["has_answer"]).column("has_answer").to_pylist()
+    assert f"<td>yes</td><td>{answered.count(True)}</td>" in html
+    assert f"<td>no</td><td>{answered.count(False)}</td>" in html
     for reason, n in stats["errors"].items():
         assert f"<td>{reason}</td><td>{n}</td>" in html
     assert "cpu float32" in html and "hidden_size" in html  # where the model ran, and what it is
