@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,18 +135,25 @@ def local_cluster(num_cpus: int = 2, start_timeout_s: float = 90.0) -> Iterator[
     cluster = LocalCluster(address=address, token=token, home=home, temp_dir=temp_dir, log=log, env=env,
                            gcs_address=f"127.0.0.1:{gcs_port}")
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while _http_status(f"{address}/api/version", token) != 200:
-            if proc.poll() is not None:
-                raise RuntimeError(f"`ray start` exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Ray dashboard at {address} not up after {start_timeout_s}s")
-            time.sleep(0.5)
+        wait_until_up(proc, log, lambda: _http_status(f"{address}/api/version", token) == 200,
+                      start_timeout_s, f"Ray dashboard at {address}")
         yield cluster
     finally:
         _stop(proc, marker)
         shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_until_up(proc: subprocess.Popen, log: Path, ready: Callable[[], bool], timeout_s: float,
+                  what: str) -> None:
+    """Poll `ready` until it holds; fail with the log's tail if `ray start` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start` for {what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not up after {timeout_s}s:\n{log.read_text()[-2000:]}")
+        time.sleep(0.5)
 
 
 def _die_with_parent() -> None:

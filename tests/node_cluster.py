@@ -7,12 +7,19 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cluster_fixture import MARKER, VENV_BIN, LocalCluster, _die_with_parent, _pids_with_marker, free_port
+from cluster_fixture import (
+    MARKER,
+    VENV_BIN,
+    LocalCluster,
+    _die_with_parent,
+    _pids_with_marker,
+    free_port,
+    wait_until_up,
+)
 
 
 @dataclass
@@ -53,14 +60,8 @@ def worker_node(cluster: LocalCluster, num_cpus: int = 1, start_timeout_s: float
                                 preexec_fn=_die_with_parent)
     node = WorkerNode(proc, marker)
     try:
-        deadline = time.monotonic() + start_timeout_s
         # `ray start` says so only once the node registered with the head's GCS.
-        while b"Ray runtime started" not in log.read_bytes():
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker `ray start` exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker node not up after {start_timeout_s}s:\n{log.read_text()[-2000:]}")
-            time.sleep(1)
+        wait_until_up(proc, log, lambda: b"Ray runtime started" in log.read_bytes(), start_timeout_s, "worker node")
         yield node
     finally:
         node.kill()

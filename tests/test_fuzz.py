@@ -286,16 +286,22 @@ def _qa_corpus(root: Path) -> int:
     return 6 + 3 + 2 + 1 + 4 + 6 + 4 + 4  # bad-list is two question rows
 
 
-def test_extract_fuzz_ray_equals_local(tmp_path, tiny_qa_model, ray_session):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rows_expected = _qa_corpus(corpus)
-    common = dict(input=[str(corpus)], model=str(tiny_qa_model), shard_rows=4, batch_size=8)
+def _extract_ray_equals_local(corpus, tmp_path, model):
+    """Extract CORPUS with --local and on Ray; the rows must agree. Returns (local stats, Ray stats, Ray rows)."""
+    common = dict(input=[str(corpus)], model=str(model), shard_rows=4, batch_size=8)
     local = run_extract(ExtractConfig(output=str(tmp_path / "local"), local=True, **common))
     ray_stats = run_extract(ExtractConfig(output=str(tmp_path / "ray"), **common))
     ray_rows, local_rows = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
     assert [(r["id"], r["answer"], r["error"]) for r in ray_rows] == [
         (r["id"], r["answer"], r["error"]) for r in local_rows]
+    return local, ray_stats, ray_rows
+
+
+def test_extract_fuzz_ray_equals_local(tmp_path, tiny_qa_model, ray_session):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows_expected = _qa_corpus(corpus)
+    local, ray_stats, ray_rows = _extract_ray_equals_local(corpus, tmp_path, tiny_qa_model)
     assert local["rows_in"] == local["rows_out"] == ray_stats["rows_in"] == ray_stats["rows_out"] == rows_expected
     by_id = {r["id"]: r for r in ray_rows}
     for rid in ("bad\ufffdid", "bad-question", "bad-context", "bad-list#1"):
@@ -414,12 +420,7 @@ def test_extract_counts_too_deep_json_and_reads_a_bom_ray_equals_local(tmp_path,
     (corpus / "deep.jsonl").write_text("\n".join([json.dumps(qs[0]), deep, json.dumps(qs[1])]) + "\n")
     (corpus / "deep.json").write_text(deep)
     (corpus / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(q) + "\n" for q in qs[2:6]).encode())
-    common = dict(input=[str(corpus)], model=str(tiny_qa_model), shard_rows=4, batch_size=8)
-    local = run_extract(ExtractConfig(output=str(tmp_path / "local"), local=True, **common))
-    ray_stats = run_extract(ExtractConfig(output=str(tmp_path / "ray"), **common))
-    ray_rows, local_rows = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
-    assert [(r["id"], r["answer"], r["error"]) for r in ray_rows] == [
-        (r["id"], r["answer"], r["error"]) for r in local_rows]
+    local, ray_stats, ray_rows = _extract_ray_equals_local(corpus, tmp_path, tiny_qa_model)
     for stats in (local, ray_stats):
         assert stats["rows_in"] == stats["rows_out"] == 8
         assert stats["errors"] == {"too_deep": 2} and stats["answered"] == 6
