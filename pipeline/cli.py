@@ -52,6 +52,31 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _stopped(exc: Any) -> None:
+    """A signal stopped the job (pipeline.signals): its one line, exit 128 + signum, no Ray left behind."""
+    _shutdown_ray()
+    typer.secho(" ".join(str(exc).split()), fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _shutdown_ray() -> None:
+    # An embedded Ray's raylet and workers go with it; a cluster sees its driver leave and reclaims the
+    # job's actors and tasks. Only if this process started Ray at all (importing ray costs seconds).
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+@app.callback()
+def _main() -> None:
+    # SIGTERM (Kubernetes, Slurm, `ray job stop`) stops a job as Ctrl-C does: one line, resumable output.
+    from pipeline.signals import install
+
+    install()
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The user's exception inside Ray's wrappers (RayTaskError, UserCodeException...)."""
     seen = set()
@@ -118,16 +143,21 @@ def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
     from pipeline.engine.commit import OutputExistsError
     from pipeline.engine.watchdog import StallError
     from pipeline.settings import ConfigError
+    from pipeline.signals import JobStopped, job_running
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        stats = fn(cfg, progress=_progress(quiet))
+        with job_running():
+            stats = fn(cfg, progress=_progress(quiet))
     except (ConfigError, OutputExistsError) as exc:
         _fail(str(exc))
     except StallError as exc:  # the watchdog's own line already says what happened and what to do
+        _shutdown_ray()
         _fail(f"the job {exc}", code=1)
-    except KeyboardInterrupt:
-        _fail("interrupted: committed shards are kept; rerun with --resume to finish", code=130)
+    except JobStopped as exc:
+        _stopped(exc)
+    except KeyboardInterrupt:  # a signal before our handlers were in place
+        _stopped(JobStopped(2, "committed shards are kept"))
     except Exception as exc:  # a crash: still one line, never a page of Ray tracebacks
         # A user error found inside a Ray worker (a truncated input file) reaches here wrapped by Ray.
         said = _describe(exc)
@@ -332,6 +362,7 @@ def finetune(
 ) -> None:
     """Fine-tune a Splinter QA model (the paper's few-shot recipe by default) and write a checkpoint."""
     from pipeline.settings import ConfigError
+    from pipeline.signals import JobStopped, job_running
     from pipeline.training.finetuning import FinetuneJob, format_finetune_summary, run_finetune
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -343,9 +374,12 @@ def finetune(
         stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
         length_grouping=length_grouping, negatives=negatives))
     try:
-        stats = run_finetune(job, progress=_progress(quiet))
+        with job_running():
+            stats = run_finetune(job, progress=_progress(quiet))
     except ConfigError as exc:
         _fail(str(exc))
+    except JobStopped as exc:
+        _stopped(exc)
     typer.echo(format_finetune_summary(stats))
     _maybe_report(report, output)
 
@@ -393,6 +427,7 @@ def fewshot(
 ) -> None:
     """The paper's few-shot grid: for every (K, seed) sample, fine-tune, answer DEV, score; runs are Ray tasks."""
     from pipeline.settings import ConfigError
+    from pipeline.signals import JobStopped, job_running
     from pipeline.training.fewshot_grid import FewshotJob, format_fewshot_summary, run_fewshot
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -407,9 +442,12 @@ def fewshot(
         stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
         length_grouping=length_grouping))
     try:
-        stats = run_fewshot(job, progress=_progress(quiet))
+        with job_running():
+            stats = run_fewshot(job, progress=_progress(quiet))
     except ConfigError as exc:
         _fail(str(exc))
+    except JobStopped as exc:
+        _stopped(exc)
     typer.echo(format_fewshot_summary(stats))
     _maybe_report(report, output)
     if stats["failed"]:
@@ -449,6 +487,7 @@ def pretrain(
 ) -> None:
     """Pretrain Splinter by recurring span selection on mined data, with Ray Train (DDP over workers)."""
     from pipeline.settings import ConfigError
+    from pipeline.signals import JobStopped, job_running
     from pipeline.training.pretraining import (
         PretrainConfig,
         PretrainError,
@@ -465,9 +504,12 @@ def pretrain(
         max_failures=max_failures, overwrite=overwrite, ray_address=address, num_cpus=num_cpus))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        stats = run_pretrain(cfg, progress=_progress(quiet))
+        with job_running():
+            stats = run_pretrain(cfg, progress=_progress(quiet))
     except ConfigError as exc:
         _fail(str(exc))
+    except JobStopped as exc:
+        _stopped(exc)
     except PretrainError as exc:
         _fail(str(exc), code=1)
     typer.echo(format_pretrain_summary(stats))

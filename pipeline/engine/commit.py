@@ -327,6 +327,13 @@ def finish_output(output: str, shards: list[Shard], extra: dict[str, Any],
     return total
 
 
+def committed_shards(output: str) -> int:
+    """How many shards of `output` are committed (their file and marker both exist)."""
+    fs, root = filesystem(output)
+    _, _, shard_files, markers = _survey(fs, root)
+    return len(markers & set(shard_files))
+
+
 def is_complete(output: str) -> bool:
     """Did a job finish writing `output` (every shard committed, stats written)?"""
     fs, root = filesystem(output)

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from pipeline.engine.batch import apply_chunked, apply_stage, batch_len, read_ba
 from pipeline.engine.commit import (
     check_output,
     commit_shard,
+    committed_shards,
     finish_output,
     prepare_output,
     write_parts,
@@ -52,6 +54,8 @@ from pipeline.engine.spec import Batch, JobSpec, StageSpec
 from pipeline.engine.stats import merge_stats
 from pipeline.engine.watchdog import StallError, Watchdog
 from pipeline.progress import NullProgress, Progress
+from pipeline.signals import STOP, JobStopped
+from pipeline.signals import install as install_signal_handlers
 from pipeline.storage.filesystems import export_filesystems
 from pipeline.storage.sources import ReadOptions, Shard, list_inputs, plan_shards, read_shard
 
@@ -390,8 +394,9 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             tracker.report(rows)
             ready = ray.get(monitor.ready_at.remote())
             extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None}
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, JobStopped):
         if stalled:  # the watchdog interrupted the driver: say why, in its one line
+            STOP.reset()
             raise StallError(stalled[0]) from None
         raise
     finally:
@@ -440,6 +445,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # An explicit "local" so a laptop with a stray `ray start` does not silently get used.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=_local_object_store_bytes(), **kwargs)
+    # Connecting put Ray's own SIGTERM handler (a native stack dump, exit 15) in place of ours.
+    install_signal_handlers()
 
 
 def _local_object_store_bytes() -> int:
@@ -476,6 +483,9 @@ def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray",
             held.update(stats)
         elif todo:
             raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+    except (JobStopped, KeyboardInterrupt) as exc:
+        stop = exc if isinstance(exc, JobStopped) else JobStopped(signal.SIGINT)
+        raise stop.with_progress(f"{committed_shards(output)} of {len(shards)} shards committed and kept") from None
     finally:
         progress.close()
     seconds = time.perf_counter() - start
