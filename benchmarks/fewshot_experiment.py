@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.engine.commit import is_complete, read_stats  # noqa: E402
+from pipeline.storage.rundir import is_complete, read_stats  # noqa: E402
 
 SPLINTER = str(Path(sys.executable).parent / "splinter")
 
@@ -144,7 +144,7 @@ def main() -> None:
         "--batch-size", str(batch), "--learning-rate", str(args.pretrain_lr),
         "--warmup-steps", str(max(1, steps // 10)), "--checkpoint-every", str(max(10, steps // 5)),
         "--num-workers", str(args.pretrain_workers), "-q"], log)
-    pretrain_stats = json.loads((pretrained / "pretrain_stats.json").read_text("utf-8"))
+    pretrain_stats = json.loads((pretrained / "__splinter__" / "stats.json").read_text("utf-8"))
     final = pretrained / "final"
 
     common = ["--examples", examples, "--seeds", seeds, "--eval-examples", str(eval_examples),

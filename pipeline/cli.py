@@ -140,10 +140,10 @@ def _build_settings(cls: type, config: Path | None, flags: dict[str, Any], neste
 
 
 def _run_job(fn: Any, cfg: Any, quiet: bool, formatter: Any) -> None:
-    from pipeline.engine.commit import OutputExistsError
     from pipeline.engine.watchdog import StallError
     from pipeline.settings import ConfigError
     from pipeline.signals import JobStopped, job_running
+    from pipeline.storage.rundir import OutputExistsError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

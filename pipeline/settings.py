@@ -12,7 +12,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import yaml
 
@@ -80,6 +80,8 @@ def build_settings(cls: type, path: str | os.PathLike[str] | None, overrides: di
 @dataclass
 class RunConfig:
     """Fields shared by both jobs: where data comes from, where it goes, how it is sharded."""
+
+    job: ClassVar[str] = ""  # the command, as OUTPUT's job record names it
 
     input: list[str] = field(default_factory=list)
     output: str = ""
@@ -156,6 +158,8 @@ class RunConfig:
 class MineConfig(RunConfig):
     """Recurring-span pretraining data generation."""
 
+    job: ClassVar[str] = "mine"
+
     text_column: str = "text"
     id_column: str = "id"
     tokenizer: str | None = None
@@ -197,6 +201,8 @@ class MineConfig(RunConfig):
 @dataclass
 class ExtractConfig(RunConfig):
     """Bulk extractive QA over (context, question) rows."""
+
+    job: ClassVar[str] = "extract"
 
     model: str = ""
     id_column: str = "id"

@@ -19,10 +19,10 @@ from conftest import DATA, ROOT
 
 from pipeline.corpus.extraction import run_extract
 from pipeline.corpus.questions import read_questions
-from pipeline.engine.commit import OutputExistsError
 from pipeline.settings import ConfigError, ExtractConfig
 from pipeline.stages.corpus_qa import CorpusQATokenize
 from pipeline.stages.qa import QAModel, QAPostprocess
+from pipeline.storage.rundir import OutputExistsError
 
 SQUAD = DATA / "squad_sample.json"
 DOCS = [

@@ -16,8 +16,8 @@ import pytest
 from conftest import DATA
 
 from pipeline.corpus.extraction import run_extract
-from pipeline.engine.commit import is_complete
 from pipeline.settings import ConfigError, ExtractConfig
+from pipeline.storage.rundir import is_complete
 
 SQUAD = DATA / "squad_sample.json"
 

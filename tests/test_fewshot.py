@@ -25,7 +25,7 @@ def test_grid_runs_as_ray_tasks_writes_the_table_and_a_rerun_skips_finished_runs
                      examples=[4, 8], seeds=[1, 2], eval_examples=40,
                      training=FinetuneConfig(max_steps=2, max_length=128, stride=32))
     stats = run_fewshot(job)
-    assert not stats["failed"] and stats["complete"] and (out / "_SUCCESS").is_file()
+    assert not stats["failed"] and stats["complete"] and (out / "__splinter__" / "_SUCCESS").is_file()
 
     results = pq.read_table(out / "results.parquet").to_pylist()
     assert sorted((r["examples"], r["seed"]) for r in results) == [(4, 1), (4, 2), (8, 1), (8, 2)]

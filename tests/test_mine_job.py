@@ -12,8 +12,8 @@ from conftest import ROOT
 from typer.testing import CliRunner
 
 from pipeline.corpus.mining import run_mine
-from pipeline.engine.commit import is_complete, read_stats
 from pipeline.settings import ConfigError, MineConfig
+from pipeline.storage.rundir import is_complete, read_stats
 
 WIKI = ROOT / "data" / "wiki_sample.jsonl"
 

@@ -18,7 +18,7 @@ from cluster_fixture import VENV_BIN, LocalCluster, local_cluster
 from conftest import ROOT
 from node_cluster import worker_node
 
-from pipeline.engine.commit import is_complete, read_stats
+from pipeline.storage.rundir import is_complete, read_stats
 
 pytestmark = pytest.mark.cluster
 

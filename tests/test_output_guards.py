@@ -19,16 +19,10 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.corpus.mining import run_mine
 from pipeline.engine.batch import read_batch
-from pipeline.engine.commit import (
-    OutputExistsError,
-    commit_shard,
-    is_complete,
-    prepare_output,
-    read_stats,
-    write_parts,
-)
+from pipeline.engine.commit import commit_shard, prepare_output, shard_output, write_parts
 from pipeline.engine.spec import JobSpec
 from pipeline.settings import MineConfig
+from pipeline.storage.rundir import OutputExistsError, is_complete, read_stats
 from pipeline.storage.sources import ReadOptions, list_inputs, plan_shards
 
 WIKI = ROOT / "data" / "wiki_sample.jsonl"
@@ -105,7 +99,9 @@ def test_commits_are_idempotent_and_never_publish_an_empty_shard(tmp_path):
     assert len(shards) == 1
     out = str(tmp_path / "out")
     spec = _spec()
-    prepare_output(out, spec, shards, resume=False, overwrite=False)
+    rundir = shard_output(out, spec.name)
+    prepare_output(rundir, spec, shards, resume=False, overwrite=False)
+    rundir.release()
     batch = read_batch([shards[0].to_dict()], spec.read)
     # The shard arrives in two batches: each is staged as a part, then the driver commits.
     stats: dict = {}

@@ -108,7 +108,7 @@ def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
         _kill_group(proc)
     killed_at = max((r["step"] for r in _log(out) if "loss" in r), default=0)
     assert EVERY <= killed_at < STEPS, "the driver must die mid-run"
-    assert not (out / "_SUCCESS").exists() and not (out / "final").exists()
+    assert not (out / "__splinter__" / "_SUCCESS").exists() and not (out / "final").exists()
     # The stopped run's report: what its log holds so far, marked partial.
     stopped = CliRunner().invoke(app, ["report", str(out)])
     assert stopped.exit_code == 0, stopped.output
@@ -129,8 +129,8 @@ def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
     after = log[log.index(resume) + 1 :]
     assert [r["step"] for r in after if "loss" in r] == list(range(resume["step"] + 1, STEPS + 1))
     assert summary["steps"] == STEPS and summary["resumes"] == 1
-    assert (out / "_SUCCESS").is_file()
-    stats = json.loads((out / "pretrain_stats.json").read_text())
+    assert (out / "__splinter__" / "_SUCCESS").is_file()
+    stats = json.loads((out / "__splinter__" / "stats.json").read_text())
     assert stats["steps"] == STEPS and stats["tokens"] > STEPS * 8 * 40 and stats["final_loss"] > 0
     state = json.loads((out / "final" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["hparams"]["batch_size"] == 8

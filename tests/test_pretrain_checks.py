@@ -116,7 +116,7 @@ def test_mined_data_must_be_complete_and_output_ours(mined, tmp_path):
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("mine")
     code, text = _run(str(mined), str(foreign), "--model-config", cfg, "--overwrite")
-    _one_line_error(code, text, "holds no pretraining run", "thesis.txt")
+    _one_line_error(code, text, "not written by this tool", "thesis.txt")
     assert (foreign / "thesis.txt").read_text() == "mine"
 
     # A run of ours: other settings are refused; --overwrite removes only what a run writes.
@@ -129,8 +129,8 @@ def test_mined_data_must_be_complete_and_output_ours(mined, tmp_path):
         prepare_output(PretrainConfig(mined=str(mined), output=str(run), model_config=cfg, max_steps=8))
     assert prepare_output(PretrainConfig(mined=str(mined), output=str(run), model_config=cfg, max_steps=7)) == ("resume", None)
     prepare_output(PretrainConfig(mined=str(mined), output=str(run), model_config=cfg, max_steps=8, overwrite=True))
-    assert sorted(p.name for p in run.iterdir()) == ["notes.md", "run.json"]
-    assert json.loads((run / "run.json").read_text())["max_steps"] == 8
+    assert sorted(p.name for p in run.iterdir()) == ["__splinter__", "notes.md"]
+    assert json.loads((run / "__splinter__" / "job.json").read_text())["settings"]["max_steps"] == 8
 
 
 def test_flag_checks(mined, tmp_path):

@@ -225,7 +225,7 @@ def test_fewshot_report_has_every_seed_and_the_mean(grid, tmp_path):
     # A grid still running: one run without its result, no table yet, no _SUCCESS.
     partial = tmp_path / "partial"
     shutil.copytree(grid, partial)
-    for name in ("_SUCCESS", "results.parquet", "report.html"):
+    for name in ("__splinter__/_SUCCESS", "results.parquet", "report.html"):
         (partial / name).unlink()
     (partial / "runs" / "k4-seed2" / "result.json").unlink()
     html, page = page_of(partial)

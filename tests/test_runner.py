@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from runner_stages import Upper, WordRows
 
-from pipeline.engine.commit import OutputExistsError, is_complete
 from pipeline.engine.runner import run
 from pipeline.engine.spec import JobSpec, StageSpec
+from pipeline.storage.rundir import OutputExistsError, is_complete
 from pipeline.storage.sources import ReadOptions, expand_inputs, plan_shards
 
 SCHEMA = pa.schema([("doc_id", pa.string()), ("word", pa.string()), ("upper", pa.string())])
@@ -81,7 +81,7 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path):
     run(_spec(), _shards(corpus), out, engine="local")
     with pytest.raises(OutputExistsError, match="--resume"):
         run(_spec(), _shards(corpus), out, engine="local")
-    with pytest.raises(OutputExistsError, match="different job"):
+    with pytest.raises(OutputExistsError, match="other settings"):
         run(dataclasses.replace(_spec(), config={"v": 2}), _shards(corpus), out, engine="local", resume=True)
     run(_spec(), _shards(corpus), out, engine="local", overwrite=True)
 

@@ -26,8 +26,8 @@ from conftest import DATA, ROOT
 from pipeline.corpus.extraction import run_extract
 from pipeline.corpus.mining import run_mine
 from pipeline.corpus.preflight import check_model_dir
-from pipeline.engine.commit import is_complete
 from pipeline.settings import ConfigError, ExtractConfig, MineConfig
+from pipeline.storage.rundir import is_complete
 from pipeline.storage.sources import list_inputs
 
 BUCKET = "splinter-test"

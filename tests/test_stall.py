@@ -8,10 +8,10 @@ import pytest
 from runner_stages import StallWhile, Upper, WordRows
 from test_runner import SCHEMA, _corpus, _read, _shards
 
-from pipeline.engine.commit import is_complete
 from pipeline.engine.runner import run
 from pipeline.engine.spec import JobSpec, StageSpec
 from pipeline.engine.watchdog import StallError, Watchdog
+from pipeline.storage.rundir import is_complete
 from pipeline.storage.sources import ReadOptions
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pyarrow.dataset as pads
 
-from pipeline.engine.commit import is_complete
 from pipeline.storage.filesystems import filesystem
+from pipeline.storage.rundir import is_complete
 from splinter.mrqa import is_mrqa, load_mrqa
 from splinter.squad import evaluate, load_squad
 

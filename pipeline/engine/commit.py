@@ -1,11 +1,10 @@
 """The output directory: per-shard parts and atomic commits, resume state, stats and the completion marker.
 
-Layout of OUT (one file per input shard, deterministic names, so reruns are idempotent):
+Layout of OUT (one file per input shard, deterministic names, so reruns are idempotent), on top of the
+run directory every job keeps (pipeline.storage.rundir: job record, lease, stats, _SUCCESS):
     OUT/shard-NNNNN.parquet                 a committed shard (temporary file, then rename)
-    OUT/__splinter__/job.json               what wrote this directory (job, settings, input versions)
     OUT/__splinter__/shards/shard-NNNNN.json   its stats, written last: the shard's completion marker
     OUT/__splinter__/staging/, .../tmp/     parts of shards split across batches, files being written
-    OUT/__splinter__/stats.json, .../_SUCCESS  written once every shard is committed
 
 Only Parquet data sits at the top, so every Parquet reader opens OUT as a dataset: `pd.read_parquet(OUT)`,
 `pyarrow.dataset.dataset(OUT)` and Spark skip `_`/`.` names, `datasets.load_dataset("parquet",
@@ -14,6 +13,8 @@ reads `OUT/*.parquet`.
 
 Nothing is deleted that this tool did not write: `--overwrite` and `--resume` act only on a directory
 holding `__splinter__/job.json` and nothing but our files; anything else is refused, naming what was found.
+A resumed run keeps the committed shards and redoes the rest; the job record's fingerprint (settings and
+every input file's size and modification time) must match.
 """
 
 from __future__ import annotations
@@ -34,22 +35,14 @@ import pyarrow.parquet as pq
 from pipeline.engine.batch import batch_len, to_table
 from pipeline.engine.spec import Batch, JobSpec
 from pipeline.engine.stats import merge_stats
-from pipeline.settings import ConfigError
 from pipeline.storage.filesystems import filesystem, install_filesystems
+from pipeline.storage.rundir import META, OutputExistsError, RunDir, delete_path, read_json, write_json
 from pipeline.storage.sources import Shard
 
-META = "__splinter__"
-JOB_FILE = f"{META}/job.json"
-SUCCESS_FILE = f"{META}/_SUCCESS"
-STATS_FILE = f"{META}/stats.json"
 _MARKERS = f"{META}/shards"
 _STAGING = f"{META}/staging"
 _TMP = f"{META}/tmp"
 _SHARD_FILE = re.compile(r"shard-(\d{5,})\.parquet")
-
-
-class OutputExistsError(RuntimeError):
-    pass
 
 
 def _reason_counts(reasons: np.ndarray, src: np.ndarray) -> dict[str, int]:
@@ -164,21 +157,7 @@ def _publish(fs: pafs.FileSystem, root: str, shard: int, table: pa.Table, schema
     fs.create_dir(f"{root}/{_TMP}", recursive=True)
     pq.write_table(table, tmp, filesystem=fs)
     fs.move(tmp, f"{root}/{name}.parquet")
-    _write_json(fs, f"{root}/{_MARKERS}/{name}.json", stats)
-
-
-def _write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp, compression=None) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
-    fs.move(tmp, path)
-
-
-def _read_json(fs: pafs.FileSystem, path: str) -> Any:
-    with fs.open_input_stream(path, compression=None) as f:
-        return json.loads(f.read())
+    write_json(fs, f"{root}/{_MARKERS}/{name}.json", stats)
 
 
 def _digest(obj: Any) -> str:
@@ -193,154 +172,86 @@ def plan_fingerprint(spec: JobSpec, shards: list[Shard]) -> str:
 
 # ---------------------------------------------------------------- the directory before and after a run
 
-def _names(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+def shard_output(output: str, job: str) -> RunDir:
+    """OUTPUT of a shard job: Parquet shards at the top, nothing else (every Parquet reader opens it)."""
+    return RunDir(output, job, owns=lambda name: bool(_SHARD_FILE.fullmatch(name)), exclusive=True)
 
 
-def _survey(fs: pafs.FileSystem, root: str) -> tuple[bool, list[str], dict[int, bool], set[int]]:
-    """One listing of OUT: (is it ours?, top-level names we did not write, shard files, markers)."""
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    foreign: set[str] = set()
-    shard_files: dict[int, bool] = {}
-    markers: set[int] = set()
-    ours = False
-    prefix = len(root.rstrip("/")) + 1
-    for info in infos:
-        rel = info.path[prefix:]
-        top = rel.split("/", 1)[0]
-        if top == META:
-            ours |= rel == JOB_FILE
-            m = re.fullmatch(rf"{_MARKERS}/shard-(\d{{5,}})\.json", rel)
-            if m:
-                markers.add(int(m.group(1)))
-        elif (m := _SHARD_FILE.fullmatch(rel)) and info.type == pafs.FileType.File:
-            shard_files[int(m.group(1))] = True
-        else:
-            foreign.add(top + ("/" if info.type == pafs.FileType.Directory or "/" in rel else ""))
-    return ours, sorted(foreign), shard_files, markers
+def _committed(fs: pafs.FileSystem, root: str) -> list[int]:
+    """Shards whose file and marker both exist."""
+    shard_files = {int(m.group(1)) for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                   if (m := _SHARD_FILE.fullmatch(i.base_name)) and i.type == pafs.FileType.File}
+    markers = {int(m.group(1)) for i in fs.get_file_info(pafs.FileSelector(f"{root}/{_MARKERS}", allow_not_found=True))
+               if (m := re.fullmatch(r"shard-(\d{5,})\.json", i.base_name))}
+    return sorted(shard_files & markers)
+
+
+def committed_shards(output: str) -> int:
+    """How many shards of `output` are committed (their file and marker both exist)."""
+    fs, root = filesystem(output)
+    return len(_committed(fs, root))
+
+
+def check_output(rundir: RunDir, resume: bool, overwrite: bool) -> list[int]:
+    """Refuse an output this run may not write into; return the shards an earlier run committed there.
+
+    Reads only (no Ray, nothing written) so a refusal costs the user nothing."""
+    if rundir.check() is None:
+        return []
+    committed = _committed(rundir.fs, rundir.root)
+    if committed and not overwrite and not resume:
+        raise OutputExistsError(
+            f"output {rundir.output} holds {len(committed)} committed shards of an earlier run: pass --resume "
+            "to finish it, or --overwrite to replace it")
+    return committed
+
+
+def prepare_output(rundir: RunDir, spec: JobSpec, shards: list[Shard], resume: bool,
+                   overwrite: bool) -> dict[int, dict[str, Any]]:
+    """Check OUTPUT against this run and record it (under the lease); return the stats of shards already
+    committed, which this run keeps."""
+    committed = check_output(rundir, resume, overwrite)
+    fingerprint = plan_fingerprint(spec, shards)
+    previous = rundir.begin(spec.config, overwrite=overwrite, continues=bool(committed), fingerprint=fingerprint,
+                            extra={"shards": len(shards)}, describe=lambda old: _describe_change(old, spec))
+    if previous is None:
+        return {}
+    fs, root = rundir.fs, rundir.root
+    for d in (_STAGING, _TMP):  # anything half-written by the earlier run is redone from scratch
+        delete_path(fs, f"{root}/{d}")
+    return _read_markers(fs, root, committed)
 
 
 def _describe_change(previous: dict[str, Any], spec: JobSpec) -> str:
-    if previous.get("job") != spec.name:
-        return f"it holds a {previous.get('job')!r} job, not {spec.name!r}"
-    old = previous.get("config", {})
+    old = previous.get("settings") or {}
     changed = sorted(k for k in set(old) | set(spec.config) if old.get(k) != spec.config.get(k))
     if changed:
         return "settings differ: " + ", ".join(f"{k} {old.get(k)!r} -> {spec.config.get(k)!r}" for k in changed[:4])
     return "the input files differ (names, sizes or modification times)"
 
 
-def check_output(output: str, resume: bool, overwrite: bool) -> list[int]:
-    """Refuse an output this run may not write into; return the shards an earlier run committed there.
-
-    Runs before anything starts (no Ray, nothing written) so a refusal costs the user nothing."""
-    fs, root = filesystem(output)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        raise OutputExistsError(f"output {output} is a file: name a directory (new or empty) for the output")
-    if info.type != pafs.FileType.Directory:
-        return []
-    ours, foreign, shard_files, markers = _survey(fs, root)
-    if not ours and (foreign or shard_files or markers):
-        found = _names(foreign + [_shard_name(i) + ".parquet" for i in sorted(shard_files)])
-        raise OutputExistsError(
-            f"output {output} is not empty and was not written by this tool (found: {found}); "
-            "name a new or empty directory (--overwrite and --resume only touch this tool's own outputs)")
-    if foreign:
-        raise OutputExistsError(
-            f"output {output} holds files this tool did not write ({_names(foreign)}); move them "
-            "elsewhere or name another output directory")
-    committed = sorted(i for i in markers if i in shard_files)
-    if committed and not overwrite and not resume:
-        raise OutputExistsError(
-            f"output {output} holds {len(committed)} committed shards of an earlier run: pass --resume "
-            "to finish it, or --overwrite to replace it")
-    return committed
-
-
-def prepare_output(output: str, spec: JobSpec, shards: list[Shard], resume: bool,
-                   overwrite: bool) -> dict[int, dict[str, Any]]:
-    """Check the output directory against this run; return the stats of shards already committed."""
-    committed = check_output(output, resume, overwrite)
-    fs, root = filesystem(output)
-    fingerprint = plan_fingerprint(spec, shards)
-    done: dict[int, dict[str, Any]] = {}
-    if committed and not overwrite:
-        previous = _read_json(fs, f"{root}/{JOB_FILE}")
-        if previous.get("fingerprint") != fingerprint:
-            raise OutputExistsError(
-                f"cannot resume into {output}: it was written by a different job, input or configuration "
-                f"({_describe_change(previous, spec)}); use a new output path, or --overwrite to replace it")
-        done = _read_markers(fs, root, committed)
-        # Anything half-written by the earlier run is redone from scratch.
-        for d in (_STAGING, _TMP, SUCCESS_FILE, STATS_FILE):
-            _delete(fs, f"{root}/{d}")
-    elif fs.get_file_info(root).type == pafs.FileType.Directory:
-        # --overwrite, or an earlier run that committed nothing (a failed start must not block the
-        # rerun): only our own files are here (check_output made sure), so they all go.
-        fs.delete_dir_contents(root)
-    try:
-        fs.create_dir(root, recursive=True)
-    except OSError as exc:  # e.g. a parent that is a file, or not writable: the user's to fix
-        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise ConfigError(f"cannot create the output directory {output}: {reason}; choose another output "
-                          "path") from None
-    _write_json(fs, f"{root}/{JOB_FILE}", {"job": spec.name, "fingerprint": fingerprint, "config": spec.config,
-                                           "shards": len(shards)})
-    return done
-
-
-def _delete(fs: pafs.FileSystem, path: str) -> None:
-    kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif kind == pafs.FileType.File:
-        fs.delete_file(path)
-
-
 def _read_markers(fs: pafs.FileSystem, root: str, indices: list[int]) -> dict[int, dict[str, Any]]:
     # Concurrent reads: on object stores each is a round trip.
     with ThreadPoolExecutor(16) as pool:
-        stats = pool.map(lambda i: _read_json(fs, f"{root}/{_MARKERS}/{_shard_name(i)}.json"), indices)
+        stats = pool.map(lambda i: read_json(fs, f"{root}/{_MARKERS}/{_shard_name(i)}.json"), indices)
         return dict(zip(indices, stats, strict=True))
 
 
-def finish_output(output: str, shards: list[Shard], extra: dict[str, Any],
+def finish_output(rundir: RunDir, shards: list[Shard], extra: dict[str, Any],
                   shard_stats: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the job's stats and its completion marker from the per-shard stats the driver holds
     (shards it does not hold are read from their markers)."""
-    fs, root = filesystem(output)
+    fs, root = rundir.fs, rundir.root
     held = dict(shard_stats or {})
     missing = [s.index for s in shards if s.index not in held]
     held.update(_read_markers(fs, root, missing))
     total: dict[str, Any] = {}
     for s in shards:
         total = merge_stats(total, held[s.index])
-    total = {**total, **extra, "shards": len(shards), "output": output}
+    total = {**total, **extra, "shards": len(shards), "output": rundir.output}
     if extra.get("seconds"):
         total["rows_per_second"] = round(total.get("rows_in", 0) / extra["seconds"], 2)
     for d in (_STAGING, _TMP):  # empty by now: every part was merged into its shard
-        _delete(fs, f"{root}/{d}")
-    _write_json(fs, f"{root}/{STATS_FILE}", total)
-    _write_json(fs, f"{root}/{SUCCESS_FILE}", {"shards": len(shards), "rows_out": total.get("rows_out", 0)})
+        delete_path(fs, f"{root}/{d}")
+    rundir.complete(total)
     return total
-
-
-def committed_shards(output: str) -> int:
-    """How many shards of `output` are committed (their file and marker both exist)."""
-    fs, root = filesystem(output)
-    _, _, shard_files, markers = _survey(fs, root)
-    return len(markers & set(shard_files))
-
-
-def is_complete(output: str) -> bool:
-    """Did a job finish writing `output` (every shard committed, stats written)?"""
-    fs, root = filesystem(output)
-    return _exists(fs, f"{root}/{SUCCESS_FILE}")
-
-
-def read_stats(output: str) -> dict[str, Any]:
-    """The stats a finished job wrote (what its summary printed)."""
-    fs, root = filesystem(output)
-    return _read_json(fs, f"{root}/{STATS_FILE}")

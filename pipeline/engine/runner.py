@@ -47,6 +47,7 @@ from pipeline.engine.commit import (
     committed_shards,
     finish_output,
     prepare_output,
+    shard_output,
     write_parts,
 )
 from pipeline.engine.resources import Resources
@@ -57,6 +58,7 @@ from pipeline.progress import NullProgress, Progress
 from pipeline.signals import STOP, JobStopped
 from pipeline.signals import install as install_signal_handlers
 from pipeline.storage.filesystems import export_filesystems
+from pipeline.storage.rundir import RunDir
 from pipeline.storage.sources import ReadOptions, Shard, list_inputs, plan_shards, read_shard
 
 __all__ = ["init_ray", "run", "run_config"]
@@ -461,13 +463,25 @@ def _local_object_store_bytes() -> int:
 def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray", resume: bool = False,
         overwrite: bool = False, progress: Progress | None = None,
         stage_overrides: dict[int, Resources] | None = None,
-        stall_timeout_s: float | None = None) -> dict[str, Any]:
-    """Run a job to completion; return the merged stats (also written to OUT/__splinter__/stats.json)."""
+        stall_timeout_s: float | None = None, rundir: RunDir | None = None) -> dict[str, Any]:
+    """Run a job to completion; return the merged stats (also written to OUT/__splinter__/stats.json).
+
+    `rundir` is OUTPUT with its lease already held (run_config takes it before Ray starts); without one,
+    the lease is taken here and let go at the end."""
+    rundir = rundir or shard_output(output, spec.name)
+    with rundir.held():
+        return _run(spec, shards, rundir, engine, resume, overwrite, progress, stage_overrides, stall_timeout_s)
+
+
+def _run(spec: JobSpec, shards: list[Shard], rundir: RunDir, engine: str, resume: bool, overwrite: bool,
+         progress: Progress | None, stage_overrides: dict[int, Resources] | None,
+         stall_timeout_s: float | None) -> dict[str, Any]:
     start = time.perf_counter()
+    output = rundir.output
     # The driver's storage clients travel with the job: workers reuse them instead of building their own.
     paths = [output, *(p for s in shards for p in s.paths[:1])]
     spec = dataclasses.replace(spec, read=dataclasses.replace(spec.read, filesystems=export_filesystems(paths)))
-    done = prepare_output(output, spec, shards, resume, overwrite)
+    done = prepare_output(rundir, spec, shards, resume, overwrite)
     todo = [s for s in shards if s.index not in done]
     progress = progress or NullProgress()
     if done:
@@ -489,23 +503,25 @@ def run(spec: JobSpec, shards: list[Shard], output: str, *, engine: str = "ray",
     finally:
         progress.close()
     seconds = time.perf_counter() - start
-    return finish_output(output, shards, {"seconds": round(seconds, 3), "resumed_shards": len(done), **extra},
+    return finish_output(rundir, shards, {"seconds": round(seconds, 3), "resumed_shards": len(done), **extra},
                          held)
 
 
 def run_config(cfg: Any, make_spec: Callable[[], JobSpec], progress: Progress | None = None,
                preflight: Callable[[], None] | None = None) -> dict[str, Any]:
     """The common path of every job: validate, run the job's own `preflight` (its model or tokenizer),
-    plan shards, check the output, attach Ray (unless local), run. Every mistake a user can fix surfaces
-    before Ray starts and before OUT is touched."""
+    check the output and take its lease, plan shards, attach Ray (unless local), run. Every mistake a
+    user can fix surfaces before Ray starts; a second run into the same OUTPUT is refused at once."""
     cfg.validate()
     if preflight is not None:
         preflight()
-    check_output(cfg.output, cfg.resume, cfg.overwrite)
-    inputs = list_inputs(cfg.input, exclude=cfg.output)
-    shards = plan_shards(inputs, cfg.input_format, cfg.shard_rows, cfg.shard_bytes, cfg.required_columns())
-    if not cfg.local:
-        init_ray(cfg.ray_address, cfg.num_cpus)
-    # The spec is built after Ray is up: it may size stages by the cluster's resources.
-    return run(make_spec(), shards, cfg.output, engine="local" if cfg.local else "ray", resume=cfg.resume,
-               overwrite=cfg.overwrite, progress=progress, stall_timeout_s=cfg.stall_timeout * 60)
+    rundir = shard_output(cfg.output, cfg.job)
+    check_output(rundir, cfg.resume, cfg.overwrite)
+    with rundir.held():
+        inputs = list_inputs(cfg.input, exclude=cfg.output)
+        shards = plan_shards(inputs, cfg.input_format, cfg.shard_rows, cfg.shard_bytes, cfg.required_columns())
+        if not cfg.local:
+            init_ray(cfg.ray_address, cfg.num_cpus)
+        # The spec is built after Ray is up: it may size stages by the cluster's resources.
+        return run(make_spec(), shards, cfg.output, engine="local" if cfg.local else "ray", resume=cfg.resume,
+                   overwrite=cfg.overwrite, progress=progress, stall_timeout_s=cfg.stall_timeout * 60, rundir=rundir)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import datetime as _dt
 from html import escape
 
-from pipeline.engine.commit import META
 from pipeline.report.readers import Run, read_run
 from pipeline.report.sections import BODIES, Body
 from pipeline.storage.filesystems import filesystem
+from pipeline.storage.rundir import META
 
 REPORT_NAME = "report.html"
 TITLES = {"mine": "Mining", "extract": "Answer extraction", "pretrain": "Pretraining", "finetune": "Fine-tuning",

@@ -1,11 +1,12 @@
 """What a report shows, read from the run's own records: never recomputed, never written to.
 
-Every job kind is told apart by the record it writes first:
-    __splinter__/job.json   mine, extract (the Ray Data jobs; stats.json and _SUCCESS once complete,
-                            per-shard markers under __splinter__/shards/ as shards commit)
-    run.json                pretrain (trainer_log.jsonl, pretrain_stats.json, _SUCCESS)
-    training_args.json      finetune ("status": "complete" once finished; trainer_log.jsonl)
-    fewshot.json            fewshot (runs/*/result.json, results.parquet, _SUCCESS)
+Every job writes the same run directory records (pipeline.storage.rundir): `__splinter__/job.json` names
+the job and its settings, `__splinter__/stats.json` and `__splinter__/_SUCCESS` come when it completes.
+Next to them, each kind's own records:
+    mine, extract     per-shard markers under __splinter__/shards/ as shards commit
+    pretrain          trainer_log.jsonl, checkpoints/
+    finetune          training_args.json ("status": "complete" once finished), trainer_log.jsonl
+    fewshot           runs/*/result.json, results.parquet
 A run without its completion record is read as it stands and marked partial.
 
 Parquet is read column by column (only what a chart needs) and, past `SAMPLE_ROWS` rows, from the first
@@ -24,13 +25,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.engine.commit import JOB_FILE, META, STATS_FILE, SUCCESS_FILE
 from pipeline.engine.stats import merge_stats
 from pipeline.storage.filesystems import filesystem
+from pipeline.storage.rundir import JOB_FILE, META, STATS_FILE, SUCCESS_FILE
 from pipeline.training.fewshot_grid import summary_table
 
 SAMPLE_ROWS = 200_000
 _MARKER = re.compile(r"shard-(\d{5,})\.json")
+KINDS = ("mine", "extract", "pretrain", "finetune", "fewshot")
 
 
 class ReportError(ValueError):
@@ -88,15 +90,14 @@ def detect_kind(out: _Dir, output: str) -> str:
         raise ReportError(f"{output}: no such output directory; give the OUTPUT of a splinter job")
     if out.exists(JOB_FILE):
         job = (out.json_or_none(JOB_FILE) or {}).get("job")
-        if job in ("mine", "extract"):
+        if job in KINDS:
             return job
         raise ReportError(f"{output}: {JOB_FILE} names a job {job!r} the report does not know")
-    for record, kind in (("fewshot.json", "fewshot"), ("run.json", "pretrain"), ("training_args.json", "finetune")):
-        if out.exists(record):
-            return kind
+    if out.exists("training_args.json"):
+        return "finetune"
     raise ReportError(
-        f"{output}: not an output of a splinter job (no {JOB_FILE}, run.json, training_args.json or "
-        "fewshot.json); give the OUTPUT directory of mine, extract, pretrain, finetune or fewshot"
+        f"{output}: not an output of a splinter job (no {JOB_FILE}); give the OUTPUT directory of mine, extract, "
+        "pretrain, finetune or fewshot"
     )
 
 
@@ -126,7 +127,7 @@ def _data_job(out: _Dir, output: str, kind: str) -> Run:
         for i in shards:
             stats = merge_stats(stats, out.json(f"{META}/shards/shard-{i:05d}.json"))
         progress = f"{len(shards)} of {job.get('shards', '?')} shards committed"
-    run = Run(kind, output, complete, settings=job.get("config", {}), stats=stats, progress=progress)
+    run = Run(kind, output, complete, settings=job.get("settings") or {}, stats=stats, progress=progress)
     run.data["shards"] = shards
     run.data["planned_shards"] = job.get("shards")
     return run
@@ -217,10 +218,10 @@ def read_log(out: _Dir, name: str = "trainer_log.jsonl") -> tuple[list[dict[str,
 
 
 def _read_pretrain(out: _Dir, output: str) -> Run:
-    settings = out.json("run.json")
+    settings = out.json(JOB_FILE).get("settings") or {}
     steps, events = read_log(out)
-    complete = out.exists("_SUCCESS")
-    stats = out.json_or_none("pretrain_stats.json") or {}
+    complete = out.exists(SUCCESS_FILE)
+    stats = (out.json_or_none(STATS_FILE) or {}) if complete else {}
     planned = (settings.get("hparams") or {}).get("max_steps")
     run = Run("pretrain", output, complete, settings=settings, stats=stats)
     if not complete:
@@ -242,7 +243,7 @@ def _read_finetune(out: _Dir, output: str) -> Run:
 
 
 def _read_fewshot(out: _Dir, output: str) -> Run:
-    record = out.json("fewshot.json")
+    record = out.json(JOB_FILE)
     grid = [(int(k), int(s)) for k in record.get("examples", []) for s in record.get("seeds", [])]
     results: dict[tuple[int, int], dict[str, Any]] = {}
     if out.exists("results.parquet"):
@@ -255,7 +256,7 @@ def _read_fewshot(out: _Dir, output: str) -> Run:
             result = out.json_or_none(f"runs/{name}/result.json")
             if result:
                 results[(int(result["examples"]), int(result["seed"]))] = result
-    complete = out.exists("_SUCCESS")
+    complete = out.exists(SUCCESS_FILE)
     run = Run("fewshot", output, complete, settings=record.get("settings", {}))
     missing = [f"k{k}-seed{s}" for k, s in grid if (k, s) not in results]
     if not complete:

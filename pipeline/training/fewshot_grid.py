@@ -9,12 +9,12 @@ Runs are Ray tasks: one GPU each when the cluster has GPUs (and `device` is not 
 CPU slots each, so Ray runs as many at once as the cluster holds. The driver reads the data and the model
 once and ships them through the object store: workers never need the input paths.
 
-OUTPUT:
-    fewshot.json                 the settings every run shares; a rerun with other settings is refused
+OUTPUT (a run directory, pipeline.storage.rundir):
+    __splinter__/job.json        the settings every run shares (a rerun with other settings is refused) and
+                                 the grid; the lease; stats.json and _SUCCESS once every run has finished
     runs/k{K}-seed{S}/result.json  a finished run (written last, so it marks the run complete), beside its
                                  predictions.json, trainer_log.jsonl and training_args.json
     results.parquet              one row per finished run of the grid (K, seed, EM, F1, steps, seconds...)
-    _SUCCESS                     written once every run of the grid has finished
 A rerun skips finished runs (also when the grid grows), and redoes failed or interrupted ones.
 """
 
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import tempfile
 import time
@@ -37,14 +36,14 @@ import numpy as np
 
 from pipeline.progress import LogProgress, NullProgress, Progress
 from pipeline.settings import ConfigError
+from pipeline.storage.rundir import META, RunDir
 from pipeline.training.finetuning import read_qa_dataset, sample_examples
 from splinter.train import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
-SETTINGS = "fewshot.json"
 RESULTS = "results.parquet"
-SUCCESS = "_SUCCESS"
+OURS = ("runs", RESULTS, "report.html")  # top-level names this job writes
 # The model directory's files shipped to the workers (weights, config, tokenizer); nothing else is needed.
 _MODEL_FILES = (
     "config.json",
@@ -141,41 +140,24 @@ def run_name(k: int, seed: int) -> str:
 
 
 # -------------------------------------------------------------------------------------------- the output
-def _prepare_output(job: FewshotJob) -> Path:
-    out = Path(job.output)
+def fewshot_output(output: str) -> RunDir:
+    return RunDir(output, "fewshot", owns=lambda name: name in OURS)
+
+
+def _begin(rundir: RunDir, job: FewshotJob) -> None:
+    """Continue the grid in OUTPUT (same settings; it may have grown), or start it; --overwrite replaces it."""
     settings = job.settings()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / SETTINGS).is_file():
-            raise ConfigError(f"output {out} is not empty and was not written by `splinter fewshot`; choose a new directory")
-        previous = json.loads((out / SETTINGS).read_text(encoding="utf-8")).get("settings")
-        if previous != settings:
-            if not job.overwrite:
-                changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
-                raise ConfigError(
-                    f"output {out} holds runs made with other settings ({', '.join(changed)} differ); "
-                    "choose a new directory or pass --overwrite to discard them"
-                )
-            # Only what this command writes; anything else a user put there stays.
-            shutil.rmtree(out / "runs", ignore_errors=True)
-            for name in (RESULTS, SUCCESS, SETTINGS, "report.html"):
-                (out / name).unlink(missing_ok=True)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / SUCCESS).unlink(missing_ok=True)  # the grid may have grown: complete again only at the end
-    _write_json(out / SETTINGS, {"settings": settings, "examples": job.examples, "seeds": job.seeds})
-    return out
+
+    def describe(old: dict[str, Any]) -> str:
+        before = old.get("settings") or {}
+        return ", ".join(sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))) + " differ"
+
+    rundir.begin(settings, overwrite=job.overwrite, continues=True, describe=describe,
+                 extra={"examples": job.examples, "seeds": job.seeds})
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _finished(out: Path, k: int, seed: int) -> dict[str, Any] | None:
-    path = out / "runs" / run_name(k, seed) / "result.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def _finished(rundir: RunDir, k: int, seed: int) -> dict[str, Any] | None:
+    return rundir.read_or_none(f"runs/{run_name(k, seed)}/result.json")
 
 
 # ---------------------------------------------------------------------------------------------- the task
@@ -306,18 +288,25 @@ def _split_file(splits: dict[tuple[int, int], Path], train: str, k: int, seed: i
 
 def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or finish) the grid; return {"runs": [...], "failed": {...}, "table": [...], ...}."""
+    progress = progress or NullProgress()
+    job.validate()
+    rundir = fewshot_output(job.output)
+    rundir.check()  # a refused OUTPUT fails before anything is read
+    with rundir.held():
+        return _run_grid(job, rundir, progress)
+
+
+def _run_grid(job: FewshotJob, rundir: RunDir, progress: Progress) -> dict[str, Any]:
     import ray
 
     from pipeline.engine.runner import init_ray
     from splinter.squad import evaluate
     from splinter.tokenizer import SplinterTokenizer
 
-    progress = progress or NullProgress()
-    job.validate()
     t0 = time.perf_counter()
-    out = _prepare_output(job)
+    _begin(rundir, job)
     grid = [(k, s) for k in job.examples for s in job.seeds]
-    todo = [(k, s) for k, s in grid if _finished(out, k, s) is None]
+    todo = [(k, s) for k, s in grid if _finished(rundir, k, s) is None]
     if len(todo) < len(grid):
         progress.log(f"[fewshot] {len(grid) - len(todo)} of {len(grid)} runs already finished: skipped")
     failed: dict[str, str] = {}
@@ -365,23 +354,24 @@ def run_fewshot(job: FewshotJob, progress: Progress | None = None) -> dict[str, 
                 progress.log(f"[fewshot] {name} failed: {failed[name]}")
                 continue
             metrics = evaluate(run["predictions"], gold)
-            _save_run(out / "runs" / name, k, s, job, samples[k, s], run, metrics)
+            _save_run(rundir, name, k, s, job, samples[k, s], run, metrics)
             done += 1
             progress.update(done, info=f"{name}: F1 {metrics['f1']:.1f}")
         progress.close()
-    rows = [r for k, s in grid if (r := _finished(out, k, s)) is not None]
-    _write_results(out, rows)
-    if not failed and len(rows) == len(grid):
-        _write_json(out / SUCCESS, {"runs": len(rows)})
-    return {
+    rows = [r for k, s in grid if (r := _finished(rundir, k, s)) is not None]
+    _write_results(rundir, rows)
+    stats = {
         "runs": rows,
         "failed": failed,
         "table": summary_table(rows),
         "skipped_runs": len(grid) - len(todo),
         "seconds": round(time.perf_counter() - t0, 3),
-        "output": str(out),
-        "complete": (out / SUCCESS).is_file(),
+        "output": job.output,
+        "complete": not failed and len(rows) == len(grid),
     }
+    if stats["complete"]:
+        rundir.complete({k: v for k, v in stats.items() if k != "runs"})
+    return stats
 
 
 def _one_line(exc: BaseException) -> str:
@@ -390,12 +380,13 @@ def _one_line(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(exc).__name__
 
 
-def _save_run(path: Path, k: int, seed: int, job: FewshotJob, sample: Any, run: dict[str, Any], metrics: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    _write_json(path / "predictions.json", run["predictions"])
-    with (path / "trainer_log.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in run["log"])
-    _write_json(path / "training_args.json", {
+def _save_run(rundir: RunDir, name: str, k: int, seed: int, job: FewshotJob, sample: Any, run: dict[str, Any],
+              metrics: dict) -> None:
+    base = f"runs/{name}"
+    rundir.write(f"{base}/predictions.json", run["predictions"])
+    with rundir.fs.open_output_stream(rundir.path(f"{base}/trainer_log.jsonl"), compression=None) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in run["log"]).encode())
+    rundir.write(f"{base}/training_args.json", {
         "examples_requested": k, "sample_seed": seed,
         "train_seed": seed if job.train_seed is None else job.train_seed,
         "example_ids": [e.id for e in sample.examples], "skipped": dict(sample.skipped),
@@ -421,17 +412,17 @@ def _save_run(path: Path, k: int, seed: int, job: FewshotJob, sample: Any, run: 
         "device": run["device"],
         "worker": run["worker"],
     }
-    _write_json(path / "result.json", result)  # last: marks the run finished
+    rundir.write(f"{base}/result.json", result)  # last: marks the run finished
 
 
-def _write_results(out: Path, rows: list[dict[str, Any]]) -> None:
+def _write_results(rundir: RunDir, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows) if rows else pa.table({"examples": pa.array([], pa.int64())})
-    tmp = out / f".{RESULTS}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / RESULTS)
+    tmp = rundir.path(f"{META}/{RESULTS}.tmp")
+    pq.write_table(table, tmp, filesystem=rundir.fs)
+    rundir.fs.move(tmp, rundir.path(RESULTS))
 
 
 def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

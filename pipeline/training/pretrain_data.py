@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.engine.commit import JOB_FILE, STATS_FILE, SUCCESS_FILE
 from pipeline.settings import ConfigError
 from pipeline.storage.filesystems import filesystem
+from pipeline.storage.rundir import JOB_FILE, STATS_FILE, SUCCESS_FILE
 from splinter.config import SplinterConfig
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def inspect_mined(mined: str) -> MinedData:
         question_ids.update(ids[p] for p in positions)
         max_id = max(max_id, max(ids))
         max_length = max(max_length, len(ids))
-    config = job.get("config", {})
+    config = job.get("settings") or {}
     max_length = max(max_length, int(config.get("max_seq_length", 0)))
     columns = needed + (["position_ids"] if "position_ids" in schema.names else [])
     layout = "original" if "position_ids" in schema.names else "collapsed"

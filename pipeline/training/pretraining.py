@@ -7,13 +7,14 @@ large per-worker shuffle buffer) and splits it equally among the workers; each w
 `pipeline.training.pretrain_worker.train_worker`.
 
 OUTPUT holds:
-    run.json                       the settings of the run (a rerun with other settings is refused)
+    __splinter__/                  the run directory's records (pipeline.storage.rundir): the settings of
+                                   the run (a rerun with other settings is refused), the lease, the
+                                   summary (stats.json: steps, tokens, loss, tokens/s, resumes, seconds)
+                                   and _SUCCESS, written last: the run is complete
     trainer_log.jsonl              one line per step (loss, lr, questions/s, tokens/s) and events
     tensorboard/                   the same scalars as TensorBoard event files (rank 0)
     checkpoints/step-NNNNNNNN/     the last k checkpoints (Ray Train's storage): model + trainer state
     final/                         the model after the last step (our checkpoint format)
-    pretrain_stats.json            the run's summary: steps, tokens, loss, tokens/s, resumes, seconds
-    _SUCCESS                       written last: the run is complete
 Rerunning the same command continues from the newest checkpoint (Ray Train V2 resumes a run from
 the same storage path and name) and ends at the requested total steps.
 """
@@ -34,7 +35,8 @@ import pyarrow.fs as pafs
 
 from pipeline.progress import NullProgress, Progress
 from pipeline.settings import ConfigError
-from pipeline.storage.filesystems import filesystem
+from pipeline.storage.filesystems import filesystem, is_uri
+from pipeline.storage.rundir import RunDir, read_json
 from pipeline.training.pretrain_data import (
     MODEL_SIZES,
     MinedData,
@@ -126,59 +128,35 @@ class PretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- the output dir
-STATS_NAME = "pretrain_stats.json"
-OURS = ("run.json", "trainer_log.jsonl", RUN_NAME, "final", STATS_NAME, "_SUCCESS", "_final.tmp", "tensorboard",
-        "report.html")
+# What this job writes at OUTPUT's top level (pipeline.storage.rundir keeps the rest under __splinter__/).
+OURS = ("trainer_log.jsonl", RUN_NAME, "final", "_final.tmp", "tensorboard", "report.html")
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> Any:
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+def pretrain_output(output: str) -> RunDir:
+    return RunDir(output, "pretrain", owns=lambda name: name in OURS)
 
 
-def _write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    with fs.open_output_stream(f"{path}.tmp") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
-    fs.move(f"{path}.tmp", path)
+def prepare_output(cfg: PretrainConfig, rundir: RunDir | None = None) -> tuple[str, dict[str, Any] | None]:
+    """Check OUTPUT against this run and record it; returns (state, the finished run's summary if complete).
 
-
-def prepare_output(cfg: PretrainConfig) -> tuple[str, dict[str, Any] | None]:
-    """Check OUTPUT against this run; returns (state, the finished run's summary if complete).
-
-    state is "new" or "resume". An OUTPUT holding files we did not write, or a run with other
-    settings, is refused (--overwrite replaces a run of ours, and only the files it wrote).
+    state is "new", "resume" (the same settings: continue from the newest checkpoint) or "complete".
+    An OUTPUT holding files we did not write is refused; a run with other settings too, unless
+    --overwrite (which replaces our run, and only the files it wrote).
     """
-    fs, root = filesystem(cfg.output)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        raise ConfigError(f"output {cfg.output} is a file; pass a directory")
-    entries = fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.Directory else []
-    if entries:
-        names = {e.base_name for e in entries}
-        if "run.json" not in names:
-            raise ConfigError(
-                f"output {cfg.output} is not empty and holds no pretraining run (found {sorted(names)[:5]}); "
-                "use a new or empty directory"
-            )
-        previous = _read_json(fs, f"{root}/run.json")
-        if cfg.overwrite:
-            for entry in entries:
-                if entry.base_name in OURS:
-                    (fs.delete_dir if entry.type == pafs.FileType.Directory else fs.delete_file)(entry.path)
-        else:
-            changed = [k for k in RUN_FIELDS if previous.get(k) != cfg.run_fields()[k]]
-            if changed:
-                k = changed[0]
-                raise ConfigError(
-                    f"output {cfg.output} holds a run with other settings ({k}: {previous.get(k)!r} there, "
-                    f"{getattr(cfg, k)!r} now); rerun with the same settings to resume, or use --overwrite or a new output"
-                )
-            if "_SUCCESS" in names:
-                return "resume", _read_json(fs, f"{root}/_SUCCESS")
-            return "resume", None
-    fs.create_dir(root, recursive=True)
-    _write_json(fs, f"{root}/run.json", cfg.run_fields())
-    return "new", None
+    rundir = rundir or pretrain_output(cfg.output)
+    settings = cfg.run_fields()
+    with rundir.held():
+        finished = None if cfg.overwrite else rundir.finished(settings)
+        if finished is not None:
+            return "complete", finished
+        previous = rundir.begin(settings, overwrite=cfg.overwrite, continues=True,
+                                describe=lambda old: _describe_change(old.get("settings") or {}, settings))
+    return ("resume" if previous is not None else "new"), None
+
+
+def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    k = next(k for k in RUN_FIELDS if old.get(k) != new.get(k)) if any(old.get(k) != new.get(k) for k in RUN_FIELDS) else None
+    return f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" if k else "hyper-parameters differ"
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -239,7 +217,7 @@ def _resume_epoch(cfg: PretrainConfig) -> int:
     if fs.get_file_info(path).type != pafs.FileType.File:
         return 0
     try:
-        latest = _read_json(fs, path).get("latest_checkpoint_result") or {}
+        latest = read_json(fs, path).get("latest_checkpoint_result") or {}
         return int(latest.get("metrics", {}).get("epoch", 0))
     except (ValueError, TypeError, AttributeError):
         return 0
@@ -286,25 +264,34 @@ def plan_pretrain(cfg: PretrainConfig) -> tuple[MinedData, ModelSource, Pretrain
 
 def run_pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Validate, check the data against the model, train on Ray Train; return the run's summary."""
+
+
+    progress = progress or NullProgress()
+    data, source, hp = plan_pretrain(cfg)
+    rundir = pretrain_output(cfg.output)
+    rundir.check()  # a refused OUTPUT fails before anything starts
+    with rundir.held():
+        state, finished = prepare_output(cfg, rundir)
+        if finished is not None:
+            progress.log(f"[pretrain] {cfg.output} is complete ({finished.get('steps')} steps); nothing to do")
+            return {**finished, "already_complete": True}
+        return _train(cfg, rundir, state, data, source, hp, progress)
+
+
+def _train(cfg: PretrainConfig, rundir: RunDir, state: str, data: MinedData, source: ModelSource,
+           hp: PretrainHParams, progress: Progress) -> dict[str, Any]:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.training.pretrain_worker import LOG_NAME, train_worker
 
-    progress = progress or NullProgress()
-    data, source, hp = plan_pretrain(cfg)
-    state, finished = prepare_output(cfg)
-    if finished is not None:
-        progress.log(f"[pretrain] {cfg.output} is complete ({finished.get('steps')} steps); nothing to do")
-        return {**finished, "already_complete": True}
-
     _start_ray(cfg)
     if cfg.use_gpu and not ray.cluster_resources().get("GPU") and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
         raise ConfigError("--use-gpu: this machine's Ray has no GPU; drop --use-gpu or run on a GPU cluster (--address)")
     cpus = _cpus_per_worker(cfg)
     root = filesystem(cfg.output)[1]
-    storage = cfg.output if "://" in cfg.output else root  # Ray Train wants a URI or an absolute path
+    storage = cfg.output if is_uri(cfg.output) else root  # Ray Train wants a URI or an absolute path
     sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
     loop_config = {
         "hparams": dataclasses.asdict(hp),
@@ -371,11 +358,11 @@ def run_pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> dict[
     if "error" in outcome:
         raise PretrainError(f"pretraining failed: {_worker_error(outcome['error'])} (log: {cfg.output}/{LOG_NAME})")
     result = outcome["result"]
-    return _finish(cfg, result, time.perf_counter() - started)
+    return _finish(cfg, rundir, result, time.perf_counter() - started)
 
 
-def _finish(cfg: PretrainConfig, result: Any, seconds: float) -> dict[str, Any]:
-    """Copy the last checkpoint to OUTPUT/final, write the summary, then _SUCCESS (last)."""
+def _finish(cfg: PretrainConfig, rundir: RunDir, result: Any, seconds: float) -> dict[str, Any]:
+    """Copy the last checkpoint to OUTPUT/final, then the summary and _SUCCESS (last)."""
     from pipeline.training.pretrain_worker import LOG_NAME
 
     fs, root = filesystem(cfg.output)
@@ -403,7 +390,7 @@ def _finish(cfg: PretrainConfig, result: Any, seconds: float) -> dict[str, Any]:
             if not fresh:
                 timed.append(r)
             fresh = False
-    state = _read_json(fs, f"{final}/trainer_state.json")
+    state = read_json(fs, f"{final}/trainer_state.json")
     summary = {
         "steps": state["step"],
         "epochs": state["epoch"],  # completed epochs
@@ -422,8 +409,7 @@ def _finish(cfg: PretrainConfig, result: Any, seconds: float) -> dict[str, Any]:
         "checkpoints": cfg.output.rstrip("/") + "/" + RUN_NAME,
         "log": cfg.output.rstrip("/") + "/" + LOG_NAME,
     }
-    _write_json(fs, f"{root}/{STATS_NAME}", summary)
-    _write_json(fs, f"{root}/_SUCCESS", summary)
+    rundir.complete(summary)
     return summary
 
 
