@@ -28,8 +28,11 @@ __all__ = ["STOP", "JobStopped", "StopFlag", "install", "job_running", "stop_at_
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class JobStopped(Exception):
-    """A signal asked the job to stop. `str(exc)` says how far it got; `exit_code` is 128 + signum."""
+class JobStopped(BaseException):
+    """A signal asked the job to stop. `str(exc)` says how far it got; `exit_code` is 128 + signum.
+
+    A BaseException, as KeyboardInterrupt is: no `except Exception` on the way (ours or Ray's) swallows it
+    or reports it as an error."""
 
     def __init__(self, signum: int, progress: str = "", advice: str = "rerun with --resume to finish") -> None:
         self.signum, self.progress, self.advice = signum, progress, advice

@@ -164,10 +164,14 @@ class Lease:
             f"{lease.get('host')}, since {lease.get('since')}, renewed {age:.0f} s ago); wait for it to end or "
             "stop it, or choose another output")
 
-    def acquire(self) -> None:
+    def check(self) -> None:
+        """Refuse (LeaseHeldError) while another live run holds the lease; reads only."""
         current = self._current()
         if current is not None and self.holder_alive(current):
             raise self._refuse(current)
+
+    def acquire(self) -> None:
+        self.check()
         self._since = datetime.now(UTC).isoformat(timespec="seconds")
         write_json(self.fs, self.path, self._record())
         # Two runs starting together both wrote; the later rename won. Read back after a moment so the
@@ -247,6 +251,8 @@ class RunDir:
             raise OutputExistsError(f"output {self.output} is a file: name a directory (new or empty) for the output")
         if kind == pafs.FileType.NotFound:
             return None
+        if self.lease is None or not self.lease.held:
+            Lease(self.fs, self.root, self.output).check()  # another run writing here comes first
         names = [n for n in self.names(mark_dirs=True) if n.rstrip("/") != META]
         foreign = [n for n in names if not self.owns(n.rstrip("/"))]
         record = self.read_or_none(JOB_FILE)
