@@ -2,7 +2,7 @@
 
 Layers, bottom to top (RANKS below is the table the tests hold the code to):
     splinter/              the model library: stdlib + torch, tokenizers, safetensors, numpy only
-    pipeline/settings.py   every job's settings; pipeline/progress.py the console
+    pipeline/settings.py   every job's settings; pipeline/progress.py the console; pipeline/signals.py stops
     pipeline/storage/      filesystems (local, S3), input formats, sources (read + shard), model files
     pipeline/engine/       what a job is, batches, commits, the runner (the only code mapping stages onto Ray)
     pipeline/stages/       plain batch -> batch classes; never ray
@@ -78,7 +78,7 @@ GRAPH = _project_graph()
 # Layer of every module, by its longest matching prefix; higher may import lower or equal, never higher.
 RANKS = {
     "splinter": 0,
-    "pipeline": 1,  # the package itself, pipeline.settings, pipeline.progress
+    "pipeline": 1,  # the package itself, pipeline.settings, pipeline.progress, pipeline.signals
     "pipeline.storage": 2,
     "pipeline.engine": 3,
     "pipeline.stages": 4,
@@ -90,7 +90,7 @@ RANKS = {
     "jobs": 8,
 }
 # Modules of the bottom pipeline layer: anything else at pipeline/'s top level must be placed in RANKS.
-PIPELINE_BASE = {"pipeline", "pipeline.settings", "pipeline.progress"}
+PIPELINE_BASE = {"pipeline", "pipeline.settings", "pipeline.progress", "pipeline.signals"}
 
 
 def _rank(module: str) -> int:
