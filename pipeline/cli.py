@@ -356,11 +356,15 @@ def finetune(
     input_format: TrainFormatOpt = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
     negatives: Annotated[int | None, typer.Option("--negatives", help="Per training question, R unanswerable pairs (the question with a paragraph of another article, labelled [CLS]): teaches abstention.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help="Save the training state to OUTPUT/checkpoint/ every N steps (default 50; 0: only when stopped by SIGTERM/Ctrl-C). Rerunning the same command continues from it.")] = None,
     overwrite: OverwriteOpt = None,
     quiet: QuietOpt = False,
     report: ReportOpt = False,
 ) -> None:
-    """Fine-tune a Splinter QA model (the paper's few-shot recipe by default) and write a checkpoint."""
+    """Fine-tune a Splinter QA model (the paper's few-shot recipe by default) and write a checkpoint.
+
+    A run stopped (SIGTERM, Ctrl-C) or killed continues from its last checkpoint when the same command is
+    run again; rerunning a finished run prints its summary. --overwrite starts over."""
     from pipeline.settings import ConfigError
     from pipeline.signals import JobStopped, job_running
     from pipeline.training.finetuning import FinetuneJob, format_finetune_summary, run_finetune
@@ -372,7 +376,7 @@ def finetune(
         seed=seed, max_steps=max_steps, epochs=epochs, min_steps=min_steps, learning_rate=learning_rate,
         batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio, max_length=max_length,
         stride=stride, max_query_length=max_query_length, reinit_qass=reinit_qass, device=device,
-        length_grouping=length_grouping, negatives=negatives))
+        length_grouping=length_grouping, negatives=negatives, checkpoint_every=checkpoint_every))
     try:
         with job_running():
             stats = run_finetune(job, progress=_progress(quiet))

@@ -11,11 +11,19 @@ Length, as in the authors' scripts: `epochs` (10) passes over the windows, but a
 optimizer steps; `max_steps` fixes the number of steps outright. The schedule (10% linear warmup, then linear
 decay to 0) spans exactly the steps that run (the authors' loop ran the last partial epoch to its end, a
 step or two at learning rate 0).
+
+Resuming: `train_on_windows(..., checkpoint_every=N, on_checkpoint=save)` hands a `TrainState` (the step, the
+model, optimizer and schedule states, the RNG states and the log so far) to `save` every N steps;
+`train_on_windows(..., resume=state)` continues from it and ends with the weights an uninterrupted run would
+have (bit for bit on CPU with the same threads): the batch order is replayed, not stored, since the seeded
+schedule only yields index arrays. `should_stop` is polled after every step; when it says so the loop hands
+the state to `on_checkpoint` and raises `TrainingStopped`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +51,8 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "QAExample",
+    "TrainState",
+    "TrainingStopped",
     "TrainingWindows",
     "batch_schedule",
     "build_training_windows",
@@ -124,6 +134,40 @@ class FinetuneResult:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class TrainState:
+    """Everything `train_on_windows` needs to continue a run after `step` optimizer steps.
+
+    The tensors handed to `on_checkpoint` are the live ones of the running loop: save them (`torch.save`
+    of `to_dict()`) or copy them before the callback returns. `to_dict`/`from_dict` round-trip through
+    `torch.save`/`torch.load(weights_only=True)`: only tensors, numbers, strings, lists and dicts.
+    """
+
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: torch.Tensor  # torch's CPU generator: dropout on CPU
+    cuda_rng: torch.Tensor | None = None  # the training device's generator when it is CUDA
+    log: list[dict[str, Any]] = field(default_factory=list)  # the step records 1..step
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: it would deep-copy every tensor of the model and the optimizer.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainState:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+class TrainingStopped(Exception):
+    """`should_stop()` said so after `step` of `total` steps; `checkpointed` when `on_checkpoint` got that step."""
+
+    def __init__(self, step: int, total: int, checkpointed: bool) -> None:
+        self.step, self.total, self.checkpointed = step, total, checkpointed
+        super().__init__(f"training stopped after {step} of {total} steps")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,6 +210,11 @@ def train_on_windows(
     config: FinetuneConfig,
     question_token_id: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    resume: TrainState | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FinetuneResult:
     """Train `model` (a SplinterForQuestionAnswering) on labelled windows; returns it in eval mode.
 
@@ -173,32 +222,70 @@ def train_on_windows(
     the batch order. On CUDA the forward pass runs under bf16 autocast while weights, gradients and AdamW
     state stay fp32. `on_step` gets each step's log record (step, epoch, loss, lr, grad_norm,
     examples_per_s, tokens_per_s, padded_tokens, seconds) as it happens.
+
+    `on_checkpoint` gets the `TrainState` after every `checkpoint_every`-th step (0: never; not after the
+    last step, whose weights are the result). `resume` continues a run from such a state with the same
+    windows and config: the model's weights come from it (no QASS re-initialisation) and the result is
+    the uninterrupted run's. `should_stop()` is asked before the first step and after every step but the
+    last; when true the state of the step reached goes to `on_checkpoint` (unless it just got it, or no
+    step ran) and `TrainingStopped` is raised.
     """
     config.validate()
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     if len(windows) == 0:
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(windows.skipped.items())) or "no examples given"
         raise ValueError(f"no usable training examples ({reasons})")
     _check_model(model, windows, config, model.config.question_token_id if question_token_id is None else question_token_id)
     device = resolve_device(config.device)
+    steps = total_steps(len(windows), config)
+    start = resume.step if resume is not None else 0
+    if not 0 <= start <= steps:
+        raise ValueError(f"the state to resume from is at step {start}, but this run has {steps} steps")
     torch.manual_seed(config.seed)
-    qass_head = "checkpoint"
-    if config.reinit_qass:
+    qass_head = "reinitialized" if config.reinit_qass else "checkpoint"
+    if config.reinit_qass and resume is None:  # a resumed run's head is in the state's weights
         init_weights(model.qass, model.config.initializer_range)
-        qass_head = "reinitialized"
     model.to(device=device, dtype=torch.float32)  # fp32 master weights, also under bf16 autocast
+    if resume is not None:
+        model.load_state_dict(resume.model)
     model.train()
     checks = model.splinter.check_inputs
     model.splinter.check_inputs = False  # ids were checked once above; per-step checks cost a host sync
 
-    steps = total_steps(len(windows), config)
     optimizer = adamw(model, config.learning_rate, weight_decay=config.weight_decay, eps=config.adam_eps)
     scheduler = linear_warmup_decay(optimizer, int(config.warmup_ratio * steps), steps)
     limit = model.config.max_position_embeddings
     micro = batch_schedule(windows, config)
     log: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        # The order is a pure function of the seed: replaying it costs index arrays, not batches.
+        next(itertools.islice(micro, start * config.grad_accum, start * config.grad_accum), None)
+        torch.set_rng_state(resume.rng)
+        if device.type == "cuda" and resume.cuda_rng is not None:
+            torch.cuda.set_rng_state(resume.cuda_rng, device)
+        log = list(resume.log[:start])
+
+    def state(step: int) -> TrainState:
+        return TrainState(
+            step=step,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            log=list(log),
+        )
+
+    # `seconds` in the records counts training time over every session of a resumed run.
+    t0 = time.perf_counter() - (log[-1]["seconds"] if log else 0.0)
+    t_session = time.perf_counter()
     try:
-        for step in range(1, steps + 1):
+        if start < steps and should_stop is not None and should_stop():
+            raise TrainingStopped(start, steps, checkpointed=False)
+        for step in range(start + 1, steps + 1):
             t_step = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             picked = [next(micro) for _ in range(config.grad_accum)]
@@ -219,6 +306,16 @@ def train_on_windows(
             log.append(record)
             if on_step is not None:
                 on_step(record)
+            if step == steps:
+                break
+            saved = False
+            if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                on_checkpoint(state(step))
+                saved = True
+            if should_stop is not None and should_stop():
+                if on_checkpoint is not None and not saved:
+                    on_checkpoint(state(step))
+                raise TrainingStopped(step, steps, checkpointed=on_checkpoint is not None)
     finally:
         model.splinter.check_inputs = checks
     model.eval()
@@ -232,7 +329,7 @@ def train_on_windows(
         examples=len(windows.examples),
         skipped=dict(windows.skipped),
         final_loss=float(np.mean(tail)) if tail else None,
-        seconds=round(time.perf_counter() - t0, 3),
+        seconds=round(time.perf_counter() - t_session, 3),
         device=str(device),
         qass_head=qass_head,
         padding=padding_waste(windows.lengths, config.batch_size, config.max_length, config.seed, config.group_size),

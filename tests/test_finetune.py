@@ -4,9 +4,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -24,7 +30,7 @@ from splinter.checkpoint import load_pretrained, qass_head_state, save_pretraine
 from splinter.model import SplinterForQuestionAnswering, SplinterModel
 from splinter.tokenizer import SplinterTokenizer
 from splinter.train import FinetuneConfig
-from tests.conftest import DATA
+from tests.conftest import DATA, ROOT
 from tests.numerics import assert_close
 
 SQUAD_TRAIN = DATA / "squad_sample.json"
@@ -116,14 +122,92 @@ def test_finetune_cli_writes_a_checkpoint_ours_and_transformers_load(tmp_path, t
     base = load_pretrained(SplinterForQuestionAnswering, tiny_qa_model)
     assert not torch.equal(base.qass.start_bilinear.weight, ours.qass.start_bilinear.weight)
 
+    # The same command again: the run is complete, so its summary, not a second training.
+    written = (out / "model.safetensors").stat().st_mtime_ns
     again = runner.invoke(app, args)
-    assert again.exit_code == 2 and "--overwrite" in again.output and len(again.output.strip().splitlines()) == 1
+    assert again.exit_code == 0 and again.output == result.output, again.output
+    assert (out / "model.safetensors").stat().st_mtime_ns == written
+    assert not (out / "checkpoint").exists()
+    other = runner.invoke(app, [*args, "--learning-rate", "1e-3"])
+    assert other.exit_code == 2 and len(other.output.strip().splitlines()) == 1
+    assert "learning_rate: 3e-05 there, 0.001 now" in other.output and "--overwrite" in other.output
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     foreign = runner.invoke(app, [*args[:2], str(tmp_path / "foreign"), *args[3:], "--overwrite"])
     assert foreign.exit_code == 2 and "not written by" in foreign.output
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def _steps(log_path) -> list[int]:
+    if not log_path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in log_path.read_text().splitlines() if line.endswith("}")]
+
+
+def _tensorboard_steps(out) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return sorted(e.step for e in events.Scalars("loss"))
+
+
+def _signal_at_step(args: list[str], out, signum: int, step: int) -> tuple[int, str]:
+    """Run the real command in a child process and send it `signum` once its log reaches `step`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while max(_steps(out / "trainer_log.jsonl"), default=0) < step:
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.01)
+    child.send_signal(signum)
+    _, stderr = child.communicate(timeout=120)
+    return child.returncode, stderr
+
+
+def test_a_stopped_or_killed_run_continues_to_the_uninterrupted_weights(tmp_path, tiny_qa_model):
+    """SIGTERM mid-run stops the real command after its step with a checkpoint (one line, exit 143);
+    SIGKILL leaves the last periodic checkpoint and log lines after it. Either way the same command then
+    continues to the weights of an uninterrupted run, with each step once in the log and in TensorBoard."""
+    def args(out) -> list[str]:
+        return ["finetune", str(SQUAD_TRAIN), str(out), "--model", str(tiny_qa_model), "--examples", "8",
+                "--max-steps", "8", "--checkpoint-every", "2", "--learning-rate", "1e-3", "-q", *SHORT]
+
+    runner = CliRunner()
+    whole = runner.invoke(app, args(tmp_path / "whole"))
+    assert whole.exit_code == 0, whole.output
+    expected = load_file(tmp_path / "whole" / "model.safetensors")
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "whole" / "trainer_log.jsonl").read_text().splitlines()]
+
+    stopped = tmp_path / "stopped"
+    code, stderr = _signal_at_step(args(stopped), stopped, signal.SIGTERM, 3)
+    lines = stderr.strip().splitlines()
+    assert code == 143 and len(lines) == 1 and lines[0].startswith("stopped by SIGTERM"), stderr
+    at = max(_steps(stopped / "trainer_log.jsonl"))
+    assert 3 <= at < 8 and f"{at} of 8 steps done, checkpoint at step {at}; rerun the same command" in lines[0]
+    assert (stopped / "checkpoint" / "trainer_state.pt").is_file() and not (stopped / "model.safetensors").exists()
+    assert json.loads((stopped / "training_args.json").read_text())["status"] == "running"
+
+    changed = runner.invoke(app, [*args(stopped), "--seed", "7"])
+    assert changed.exit_code == 2 and len(changed.output.strip().splitlines()) == 1, changed.output
+    assert "seed: 42 there, 7 now" in changed.output
+
+    killed = tmp_path / "killed"
+    code, _ = _signal_at_step(args(killed), killed, signal.SIGKILL, 3)
+    assert code == -signal.SIGKILL and (killed / "checkpoint" / "trainer_state.pt").is_file()
+
+    for out, checkpoints in ((stopped, {at}), (killed, {2, 4, 6})):
+        resumed = runner.invoke(app, args(out))
+        assert resumed.exit_code == 0, resumed.output
+        assert _steps(out / "trainer_log.jsonl") == list(range(1, 9)) == _tensorboard_steps(out)
+        assert [json.loads(x)["loss"] for x in (out / "trainer_log.jsonl").read_text().splitlines()] == losses
+        training_args = json.loads((out / "training_args.json").read_text())
+        assert training_args["status"] == "complete" and training_args["resumed_from_step"] in checkpoints
+        assert not (out / "checkpoint").exists()
+        ours = load_file(out / "model.safetensors")
+        assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in expected)
 
 
 def test_bad_rows_are_skipped_and_counted_in_the_summary(tmp_path, tiny_qa_model, squad):

@@ -2,7 +2,7 @@
 
 Layers, bottom to top (RANKS below is the table the tests hold the code to):
     splinter/              the model library: stdlib + torch, tokenizers, safetensors, numpy only
-    pipeline/settings.py   every job's settings; pipeline/progress.py the console
+    pipeline/settings.py   every job's settings; pipeline/progress.py the console; pipeline/signals.py stops
     pipeline/storage/      filesystems (local, S3), input formats, sources (read + shard), model files
     pipeline/engine/       what a job is, batches, commits, the runner (the only code mapping stages onto Ray)
     pipeline/stages/       plain batch -> batch classes; never ray

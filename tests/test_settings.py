@@ -58,6 +58,18 @@ def test_finetune_settings_are_flat_in_the_file(tmp_path, suffix, text):
     assert grid.examples == [32] and grid.training.learning_rate == 1e-4
 
 
+def test_finetune_checkpoint_every_from_file_and_flag(tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("checkpoint_every: 10\nmax_steps: 30\n")
+    job = build_settings(FinetuneJob, path, {"train": "t", "output": "o", "model": "m"}, nested={"training": FinetuneConfig})
+    assert (job.checkpoint_every, job.training.max_steps) == (10, 30)
+    assert build_settings(FinetuneJob, path, {"train": "t", "output": "o", "model": "m", "checkpoint_every": 0},
+                          nested={"training": FinetuneConfig}).checkpoint_every == 0
+    assert FinetuneJob(train="t", output="o", model="m").checkpoint_every == 50
+    result = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200)
+    assert "--checkpoint-every" in result.output
+
+
 def test_unknown_key_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("max_steps: 3\nlearnig_rate: 0.1\n")

@@ -6,6 +6,7 @@ questions, some contexts longer than a window) are the data.
 
 from __future__ import annotations
 
+import io
 import itertools
 import string
 
@@ -26,7 +27,15 @@ from splinter.qa_data import (
 )
 from splinter.squad import evaluate, load_squad
 from splinter.tokenizer import SplinterTokenizer
-from splinter.train import FinetuneConfig, batch_schedule, finetune, total_steps, train_on_windows
+from splinter.train import (
+    FinetuneConfig,
+    TrainingStopped,
+    TrainState,
+    batch_schedule,
+    finetune,
+    total_steps,
+    train_on_windows,
+)
 from splinter.windows import encode_qa_windows
 from tests.conftest import DATA
 from tests.numerics import assert_close
@@ -306,3 +315,63 @@ def test_refuses_a_tokenizer_that_does_not_fit_the_model(tokenizer):
         finetune(model, tokenizer, squad_records()[:2], FinetuneConfig(max_steps=1, max_length=96, stride=32, max_query_length=32))
     with pytest.raises(ValueError, match="no usable training examples"):
         finetune(tiny_model(tokenizer), tokenizer, [{"question": "q", "context": ""}], FinetuneConfig(max_steps=1))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def _saved(state: TrainState) -> TrainState:
+    """The state as a job keeps it: through torch.save and a weights-only load."""
+    buffer = io.BytesIO()
+    torch.save(state.to_dict(), buffer)
+    buffer.seek(0)
+    return TrainState.from_dict(torch.load(buffer, weights_only=True))
+
+
+def test_stopped_and_resumed_run_ends_with_the_uninterrupted_weights(tokenizer, one_thread):
+    """Dropout on, grad_accum 2, QASS re-initialised, a stop mid-epoch: the resumed run replays the batch
+    order and the RNG, and ends bit for bit where the uninterrupted run ends."""
+    cfg = FinetuneConfig(max_steps=7, batch_size=3, grad_accum=2, learning_rate=1e-3, max_length=96, stride=32,
+                         max_query_length=32, seed=3, device="cpu", reinit_qass=True)
+    windows = build_training_windows(tokenizer, squad_records()[:4], cfg.max_length, cfg.stride, cfg.max_query_length)
+    whole = train_on_windows(tiny_model(tokenizer), windows, cfg)
+    assert whole.log[4]["epoch"] > 2  # the stop after step 5 falls in a reshuffled epoch
+
+    saved: list[TrainState] = []
+    asks = iter([False] * 5 + [True])  # before step 1, then after steps 1..5: stop after step 5
+    with pytest.raises(TrainingStopped) as stopped:
+        train_on_windows(tiny_model(tokenizer), windows, cfg, checkpoint_every=2,
+                         on_checkpoint=lambda s: saved.append(_saved(s)), should_stop=lambda: next(asks))
+    assert (stopped.value.step, stopped.value.total, stopped.value.checkpointed) == (5, 7, True)
+    assert [s.step for s in saved] == [2, 4, 5]
+    assert [r["step"] for r in saved[-1].log] == [1, 2, 3, 4, 5]
+
+    # A fresh model of another seed: every weight, the re-initialised head included, comes from the state.
+    resumed = train_on_windows(tiny_model(tokenizer, seed=9), windows, cfg, resume=saved[-1])
+    ours, theirs = resumed.model.state_dict(), whole.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert [r["loss"] for r in resumed.log] == [r["loss"] for r in whole.log]
+    assert [r["step"] for r in resumed.log] == list(range(1, 8)) and resumed.final_loss == whole.final_loss
+    assert resumed.epochs == whole.epochs
+
+    again = train_on_windows(tiny_model(tokenizer, seed=9), windows, cfg, resume=saved[0])  # from step 2
+    assert all(torch.equal(again.model.state_dict()[k], theirs[k]) for k in theirs)
+
+
+def test_should_stop_is_asked_between_steps_never_after_the_last(tokenizer, one_thread):
+    cfg = FinetuneConfig(max_steps=3, batch_size=4, max_length=96, stride=32, max_query_length=32, device="cpu")
+    windows = build_training_windows(tokenizer, squad_records()[:4], cfg.max_length, cfg.stride, cfg.max_query_length)
+    with pytest.raises(TrainingStopped) as before:
+        train_on_windows(tiny_model(tokenizer), windows, cfg, should_stop=lambda: True,
+                         on_checkpoint=lambda s: pytest.fail("no step ran: nothing to checkpoint"))
+    assert (before.value.step, before.value.checkpointed) == (0, False)
+
+    asked = []
+    result = train_on_windows(tiny_model(tokenizer), windows, cfg, should_stop=lambda: asked.append(1) or False)
+    assert len(asked) == 3 and result.steps == 3  # before step 1, after steps 1 and 2
+
+    states = []
+    asks = iter([False, True])  # before step 1, after step 1
+    with pytest.raises(TrainingStopped) as after_one:
+        train_on_windows(tiny_model(tokenizer), windows, cfg, should_stop=lambda: next(asks), on_checkpoint=states.append)
+    assert (after_one.value.step, after_one.value.checkpointed) == (1, True) and [s.step for s in states] == [1]
+    with pytest.raises(ValueError, match="at step 9, but this run has 3 steps"):
+        train_on_windows(tiny_model(tokenizer), windows, cfg, resume=TrainState(step=9, model={}, optimizer={}, scheduler={}, rng=torch.get_rng_state()))

@@ -14,16 +14,23 @@ Output directory: model.safetensors + config.json + tokenizer files (loadable by
 `training_args.json` (every setting, the data, the sampled ids, the QASS head's origin; "status" is
 "running" until the very end) and `trainer_log.jsonl` (one line per optimizer step, written as it happens),
 also as TensorBoard event files under `tensorboard/`.
+
+Resuming: every `checkpoint_every` steps, and when SIGTERM/SIGINT stops the run (`pipeline.signals`), the
+training state goes to `checkpoint/` (written beside it, then renamed in: a kill never leaves half a
+checkpoint). Rerunning the same command continues from there to the same final weights; other settings are
+refused by name. A finished run deletes its checkpoint, and rerunning it prints its summary again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import os
 import platform
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -38,17 +45,31 @@ import torch
 
 from pipeline.progress import NullProgress, Progress
 from pipeline.settings import ConfigError
+from pipeline.signals import STOP, JobStopped, stop_at_safe_points
 from pipeline.training.negatives import add_negatives
 from pipeline.training.tensorboard_events import TENSORBOARD_DIR, EventLog
 from splinter.mrqa import is_mrqa, load_mrqa
 from splinter.qa_data import QAExample, build_training_windows
-from splinter.train import FinetuneConfig, FinetuneResult, resolve_device, total_steps, train_on_windows
+from splinter.train import (
+    FinetuneConfig,
+    FinetuneResult,
+    TrainingStopped,
+    TrainState,
+    resolve_device,
+    total_steps,
+    train_on_windows,
+)
 
 log = logging.getLogger(__name__)
 
 TRAIN_FORMATS = ("auto", "squad", "mrqa", "parquet", "jsonl", "disk")
 TRAINING_ARGS = "training_args.json"
 TRAINER_LOG = "trainer_log.jsonl"
+CHECKPOINT_DIR = "checkpoint"  # the newest training state of an unfinished run
+CHECKPOINT_FILE = "trainer_state.pt"
+# The checkpoint being replaced, kept until its successor is in place; and those being written.
+PREVIOUS_CHECKPOINT = ".checkpoint.previous"
+CHECKPOINT_TMP_PREFIX = ".checkpoint.tmp-"
 # Everything a fine-tuning run writes; --overwrite removes exactly these names and nothing else.
 OUTPUT_FILES = (
     "model.safetensors",
@@ -60,6 +81,8 @@ OUTPUT_FILES = (
     TRAINER_LOG,
     TRAINING_ARGS,
     "report.html",
+    CHECKPOINT_DIR,
+    PREVIOUS_CHECKPOINT,
 )
 _REQUIRED_COLUMNS = ("question", "context", "answers")
 
@@ -218,6 +241,8 @@ class FinetuneJob:
     training: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Unanswerable pairs per training question (pipeline.training.negatives), labelled [CLS].
     negatives: int = 0
+    # Steps between checkpoints of the training state (0: none, but a stop by signal still writes one).
+    checkpoint_every: int = 50
 
     def validate(self) -> None:
         if not Path(self.model).is_dir() or not (Path(self.model) / "config.json").is_file():
@@ -228,6 +253,8 @@ class FinetuneJob:
             raise ConfigError(f"--threads must be >= 1, got {self.num_threads}")
         if self.negatives < 0:
             raise ConfigError(f"--negatives must be >= 0, got {self.negatives}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 (0: no periodic checkpoints), got {self.checkpoint_every}")
         if Path(self.output).resolve() == Path(self.model).resolve():
             raise ConfigError(f"the output {self.output} is the --model directory itself: name a new directory")
         try:
@@ -240,29 +267,116 @@ class FinetuneJob:
             raise ConfigError(f"--device: {exc}") from None
 
 
-def check_output(output: str, overwrite: bool) -> bool:
-    """Refuse an OUTPUT we may not write (before any work); True when it holds an earlier run of ours."""
+# ------------------------------------------------------------------------------------ the output directory
+def run_settings(job: FinetuneJob) -> dict[str, Any]:
+    """The settings that decide what a run trains: a rerun continues a run only when they are the same."""
+    return {
+        "base_model": str(Path(job.model).resolve()),
+        "train": str(Path(job.train).resolve()),
+        "input_format": job.input_format,
+        "examples_requested": job.examples,
+        "sample_seed": job.sample_seed,
+        "negatives": job.negatives,
+        "training": job.training.to_dict(),
+    }
+
+
+def check_output(output: str) -> dict[str, Any] | None:
+    """Refuse an OUTPUT we may not write (before any work); the earlier run's training_args.json, if any."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a directory")
     if not (out.is_dir() and any(out.iterdir())):
-        return False
+        return None
     if not (out / TRAINING_ARGS).is_file():
         raise ConfigError(f"output {out} is not empty and was not written by `splinter finetune`; choose a new directory")
-    if not overwrite:
-        raise ConfigError(f"output {out} already holds a fine-tuning run; pass --overwrite to replace it")
-    return True
+    return json.loads((out / TRAINING_ARGS).read_text(encoding="utf-8"))
 
 
-def prepare_output(output: str, overwrite: bool) -> Path:
-    """Create OUTPUT, or clear our own earlier files from it with `overwrite`; never touch anything else."""
+def rerun_action(job: FinetuneJob, previous: dict[str, Any] | None) -> str:
+    """What to do with OUTPUT: "new", "overwrite", "resume" (an unfinished run with these settings) or
+    "complete" (a finished one). Another run's settings are refused, naming the first that differs."""
+    if previous is None:
+        return "new"
+    if job.overwrite:
+        return "overwrite"
+    # Compared as JSON holds them: what the earlier run recorded, against this run's values written the same way.
+    now = json.loads(json.dumps(run_settings(job), default=str))
+    flat_now = {**{k: v for k, v in now.items() if k != "training"}, **now["training"]}
+    flat_then = {**previous, **(previous.get("training") or {})}
+    for key, value in flat_now.items():
+        if flat_then.get(key) != value:
+            raise ConfigError(
+                f"output {job.output} holds a run with other settings ({key}: {flat_then.get(key)!r} there, "
+                f"{value!r} now); rerun with the same settings to continue it, or use --overwrite or a new output"
+            )
+    return "complete" if previous.get("status") == "complete" else "resume"
+
+
+def prepare_output(output: str, action: str) -> tuple[Path, TrainState | None]:
+    """Create OUTPUT for `action` (see `rerun_action`); returns it and the state to resume from, if any.
+
+    "overwrite" clears our own earlier files and nothing else. "resume" keeps the newest checkpoint and
+    the trainer log up to its step (the steps after it are trained again); without a checkpoint the run
+    starts over, as with "overwrite".
+    """
     out = Path(output)
-    if check_output(output, overwrite):
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    for stale in out.glob(f"{CHECKPOINT_TMP_PREFIX}*"):  # a checkpoint a kill cut short
+        shutil.rmtree(stale, ignore_errors=True)
+    state = load_checkpoint(out) if action == "resume" else None
+    if state is not None:
+        _truncate_trainer_log(out / TRAINER_LOG, state.step)
+    elif action in ("overwrite", "resume"):
+        for name in OUTPUT_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+    return out, state
+
+
+def _truncate_trainer_log(path: Path, step: int) -> None:
+    # The steps after the checkpoint are trained again and logged again: each step appears once.
+    kept = []
+    with contextlib.suppress(FileNotFoundError), path.open(encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):  # a line a kill cut short
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, state: TrainState) -> None:
+    """Write the training state to OUTPUT/checkpoint/, replacing the previous one only once it is whole."""
+    tmp = Path(tempfile.mkdtemp(prefix=CHECKPOINT_TMP_PREFIX, dir=out))
+    torch.save(state.to_dict(), tmp / CHECKPOINT_FILE)
+    current, previous = out / CHECKPOINT_DIR, out / PREVIOUS_CHECKPOINT
+    shutil.rmtree(previous, ignore_errors=True)
+    if current.exists():
+        os.replace(current, previous)  # directories cannot be renamed over one another
+    os.replace(tmp, current)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def load_checkpoint(out: Path) -> TrainState | None:
+    """The newest training state in OUTPUT, or None (a kill between save_checkpoint's two renames leaves
+    only the previous one)."""
+    for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT):
+        path = out / name / CHECKPOINT_FILE
+        if path.is_file():
+            return TrainState.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return None
+
+
+def drop_checkpoint(out: Path) -> None:
+    """A finished run's checkpoint: the final model is in OUTPUT itself."""
+    for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -307,26 +421,40 @@ def finetune_examples(
     config: FinetuneConfig,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_windows: Callable[[int, int], None] | None = None,
+    **resumable: Any,
 ) -> tuple[FinetuneResult, Any, str]:
-    """Load, build windows, train: (result, tokenizer, QASS head origin). Shared by finetune and fewshot."""
+    """Load, build windows, train: (result, tokenizer, QASS head origin). Shared by finetune and fewshot.
+
+    `resumable` goes to `train_on_windows`: checkpoint_every, on_checkpoint, resume, should_stop."""
     model, tokenizer, origin = load_for_finetuning(model_dir)
     windows = build_training_windows(tokenizer, examples, config.max_length, config.stride, config.max_query_length)
     if on_windows is not None:
         on_windows(len(windows), total_steps(len(windows), config) if len(windows) else 0)
-    result = train_on_windows(model, windows, config, tokenizer.question_token_id, on_step)
+    result = train_on_windows(model, windows, config, tokenizer.question_token_id, on_step, **resumable)
     if config.reinit_qass:
         origin = "reinitialized"
     return result, tokenizer, origin
 
 
 def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str, Any]:
-    """Validate, read, sample, fine-tune and write OUTPUT; return the summary stats."""
+    """Validate, read, sample, fine-tune and write OUTPUT; return the summary stats.
+
+    An unfinished run in OUTPUT with the same settings is continued from its checkpoint; a finished one
+    is not trained again: its recorded summary is returned. A signal (pipeline.signals) stops training
+    after the current step with a checkpoint and raises JobStopped.
+    """
     from splinter.checkpoint import save_pretrained
     from splinter.tokenizer import SplinterTokenizer
 
     progress = progress or NullProgress()
     job.validate()
-    check_output(job.output, job.overwrite)  # before reading anything: a refused output fails fast
+    previous = check_output(job.output)  # before reading anything: a refused output fails fast
+    action = rerun_action(job, previous)
+    if action == "complete":
+        assert previous is not None
+        progress.log(f"[finetune] {job.output} already holds this run, complete; --overwrite trains it again")
+        drop_checkpoint(Path(job.output))  # in case a kill came between the end and the clean-up
+        return {**previous["result"], "output": str(Path(job.output))}
     t0 = time.perf_counter()
     cfg = job.training
     dataset = read_qa_dataset(job.train, job.input_format)
@@ -338,21 +466,16 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
     if job.examples is not None and len(sample.examples) < job.examples:
         progress.log(f"[finetune] only {len(sample.examples)} usable examples in {job.train} (asked for {job.examples})")
     training_examples = add_negatives(dataset, sample.examples, job.negatives, job.sample_seed)
-    out = prepare_output(job.output, job.overwrite)
+    out, resume = prepare_output(job.output, action)
     if job.num_threads:
         torch.set_num_threads(job.num_threads)
     args: dict[str, Any] = {
         "status": "running",
-        "base_model": str(Path(job.model).resolve()),
-        "train": str(Path(job.train).resolve()),
-        "input_format": job.input_format,
-        "examples_requested": job.examples,
-        "sample_seed": job.sample_seed,
+        **run_settings(job),
         "sampling": "first usable rows of numpy.random.default_rng(sample_seed).permutation(rows)"
         if job.examples is not None
         else "all usable rows, in file order",
         "examples_used": len(sample.examples),
-        "negatives": job.negatives,
         "negative_pairs": len(training_examples) - len(sample.examples),
         "negatives_rule": "per question: paragraphs of other articles drawn with numpy default_rng(sample_seed), "
         "labelled [CLS]" if job.negatives else None,
@@ -361,18 +484,26 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
         "skipped": dict(sample.skipped),
         "skipped_ids": sample.skipped_ids[:1000],
         "example_ids": [e.id for e in sample.examples] if job.examples is not None else None,
-        "training": cfg.to_dict(),
+        "checkpoint_every": job.checkpoint_every,
+        "resumed_from_step": resume.step if resume is not None else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
     }
     _write_json(out / TRAINING_ARGS, args)
+    if resume is not None:
+        progress.log(f"[finetune] continuing {out} from its checkpoint at step {resume.step}")
 
-    events = EventLog(str(out))  # the step records again, as TensorBoard event files
-    with (out / TRAINER_LOG).open("w", encoding="utf-8") as log_file:
+    # The step records again, as TensorBoard event files; a resumed run drops the earlier steps after its
+    # checkpoint, which it trains again.
+    events = EventLog(str(out), purge_step=resume.step + 1 if resume is not None else None)
+    checkpoint_step = resume.step if resume is not None else None
+    with (out / TRAINER_LOG).open("a", encoding="utf-8") as log_file:
 
         def on_windows(windows: int, steps: int) -> None:
             progress.start("finetune", steps, "steps")
+            if resume is not None:
+                progress.update(resume.step)
 
         def on_step(record: dict[str, Any]) -> None:
             log_file.write(json.dumps(record) + "\n")
@@ -380,8 +511,27 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
             events.write(record)
             progress.update(record["step"], info=f"loss {record['loss']:.4f}, lr {record['lr']:.2e}")
 
+        def on_checkpoint(state: TrainState) -> None:
+            nonlocal checkpoint_step
+            events.flush()
+            save_checkpoint(out, state)
+            checkpoint_step = state.step
+
         try:
-            result, tokenizer, origin = finetune_examples(job.model, training_examples, cfg, on_step, on_windows)
+            # A signal now only asks the loop to stop after its step: the checkpoint then holds that step.
+            with stop_at_safe_points():
+                result, tokenizer, origin = finetune_examples(
+                    job.model, training_examples, cfg, on_step, on_windows,
+                    checkpoint_every=job.checkpoint_every, on_checkpoint=on_checkpoint, resume=resume,
+                    should_stop=STOP.requested,
+                )
+        except TrainingStopped as stop:
+            saved = f"checkpoint at step {checkpoint_step}" if checkpoint_step is not None else "no checkpoint yet"
+            raise JobStopped(
+                STOP.signum or signal.SIGTERM,
+                progress=f"{stop.step} of {stop.total} steps done, {saved}",
+                advice="rerun the same command to continue",
+            ) from None
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         finally:
@@ -404,7 +554,8 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
         "output": str(out),
     }
     args.update(status="complete", qass_head=origin, result={k: v for k, v in stats.items() if k != "output"})
-    _write_json(out / TRAINING_ARGS, args)  # last: its "complete" marks the directory finished
+    _write_json(out / TRAINING_ARGS, args)  # its "complete" marks the directory finished
+    drop_checkpoint(out)
     return stats
 
 
