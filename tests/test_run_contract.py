@@ -39,8 +39,9 @@ def _start(args: list[str], tmp_path: Path, marker: str) -> tuple[subprocess.Pop
     err = tmp_path / f"stderr-{uuid.uuid4().hex[:6]}.txt"
     env = {**os.environ, MARKER: marker, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(err, "wb"), start_new_session=True)
+    with open(err, "wb") as stderr:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     return proc, err
 
 

@@ -93,8 +93,6 @@ def detect_kind(out: _Dir, output: str) -> str:
         if job in KINDS:
             return job
         raise ReportError(f"{output}: {JOB_FILE} names a job {job!r} the report does not know")
-    if out.exists("training_args.json"):
-        return "finetune"
     raise ReportError(
         f"{output}: not an output of a splinter job (no {JOB_FILE}); give the OUTPUT directory of mine, extract, "
         "pretrain, finetune or fewshot"
@@ -234,7 +232,7 @@ def _read_pretrain(out: _Dir, output: str) -> Run:
 def _read_finetune(out: _Dir, output: str) -> Run:
     args = out.json("training_args.json")
     steps, events = read_log(out)
-    complete = args.get("status") == "complete"
+    complete = out.exists(SUCCESS_FILE)
     run = Run("finetune", output, complete, settings=args, stats=args.get("result") or {})
     if not complete:
         run.progress = f"{steps[-1]['step'] if steps else 0:,} steps logged, training not finished"

@@ -46,6 +46,7 @@ import torch
 from pipeline.progress import NullProgress, Progress
 from pipeline.settings import ConfigError
 from pipeline.signals import STOP, JobStopped, stop_at_safe_points
+from pipeline.storage.rundir import RunDir
 from pipeline.training.negatives import add_negatives
 from pipeline.training.tensorboard_events import TENSORBOARD_DIR, EventLog
 from splinter.mrqa import is_mrqa, load_mrqa
@@ -281,44 +282,31 @@ def run_settings(job: FinetuneJob) -> dict[str, Any]:
     }
 
 
-def check_output(output: str) -> dict[str, Any] | None:
-    """Refuse an OUTPUT we may not write (before any work); the earlier run's training_args.json, if any."""
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} exists and is not a directory")
-    if not (out.is_dir() and any(out.iterdir())):
-        return None
-    if not (out / TRAINING_ARGS).is_file():
-        raise ConfigError(f"output {out} is not empty and was not written by `splinter finetune`; choose a new directory")
-    return json.loads((out / TRAINING_ARGS).read_text(encoding="utf-8"))
+def finetune_output(output: str) -> RunDir:
+    """OUTPUT of a fine-tuning run: a checkpoint directory plus its records (pipeline.storage.rundir)."""
+    def ours(name: str) -> bool:
+        return name in OUTPUT_FILES or name == TENSORBOARD_DIR or name.startswith(CHECKPOINT_TMP_PREFIX)
+
+    return RunDir(output, "finetune", owns=ours)
 
 
-def rerun_action(job: FinetuneJob, previous: dict[str, Any] | None) -> str:
-    """What to do with OUTPUT: "new", "overwrite", "resume" (an unfinished run with these settings) or
-    "complete" (a finished one). Another run's settings are refused, naming the first that differs."""
-    if previous is None:
-        return "new"
-    if job.overwrite:
-        return "overwrite"
-    # Compared as JSON holds them: what the earlier run recorded, against this run's values written the same way.
-    now = json.loads(json.dumps(run_settings(job), default=str))
+def _describe_change(previous: dict[str, Any], now: dict[str, Any]) -> str:
+    """The first setting that differs, as `key: then there, now now`."""
     flat_now = {**{k: v for k, v in now.items() if k != "training"}, **now["training"]}
-    flat_then = {**previous, **(previous.get("training") or {})}
+    then = previous.get("settings") or {}
+    flat_then = {**then, **(then.get("training") or {})}
     for key, value in flat_now.items():
         if flat_then.get(key) != value:
-            raise ConfigError(
-                f"output {job.output} holds a run with other settings ({key}: {flat_then.get(key)!r} there, "
-                f"{value!r} now); rerun with the same settings to continue it, or use --overwrite or a new output"
-            )
-    return "complete" if previous.get("status") == "complete" else "resume"
+            return f"{key}: {flat_then.get(key)!r} there, {value!r} now"
+    return "settings differ"
 
 
 def prepare_output(output: str, action: str) -> tuple[Path, TrainState | None]:
-    """Create OUTPUT for `action` (see `rerun_action`); returns it and the state to resume from, if any.
+    """OUTPUT for `action` ("new", or "resume" a run with the same settings: RunDir.begin decided);
+    returns it and the state to resume from, if any.
 
-    "overwrite" clears our own earlier files and nothing else. "resume" keeps the newest checkpoint and
-    the trainer log up to its step (the steps after it are trained again); without a checkpoint the run
-    starts over, as with "overwrite".
+    "resume" keeps the newest checkpoint and the trainer log up to its step (the steps after it are
+    trained again); without a checkpoint the run starts over: our own earlier files go, nothing else.
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +315,7 @@ def prepare_output(output: str, action: str) -> tuple[Path, TrainState | None]:
     state = load_checkpoint(out) if action == "resume" else None
     if state is not None:
         _truncate_trainer_log(out / TRAINER_LOG, state.step)
-    elif action in ("overwrite", "resume"):
+    elif action == "resume":
         for name in OUTPUT_FILES:
             path = out / name
             if path.is_dir():
@@ -377,12 +365,6 @@ def drop_checkpoint(out: Path) -> None:
     """A finished run's checkpoint: the final model is in OUTPUT itself."""
     for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT):
         shutil.rmtree(out / name, ignore_errors=True)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -443,18 +425,28 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
     is not trained again: its recorded summary is returned. A signal (pipeline.signals) stops training
     after the current step with a checkpoint and raises JobStopped.
     """
+    progress = progress or NullProgress()
+    job.validate()
+    rundir = finetune_output(job.output)
+    rundir.check()  # before reading anything: a refused output fails fast
+    with rundir.held():
+        return _finetune(job, rundir, progress)
+
+
+def _finetune(job: FinetuneJob, rundir: RunDir, progress: Progress) -> dict[str, Any]:
     from splinter.checkpoint import save_pretrained
     from splinter.tokenizer import SplinterTokenizer
 
-    progress = progress or NullProgress()
-    job.validate()
-    previous = check_output(job.output)  # before reading anything: a refused output fails fast
-    action = rerun_action(job, previous)
-    if action == "complete":
-        assert previous is not None
+    # Compared as JSON holds them: what the earlier run recorded, against this run's values written the same way.
+    settings = json.loads(json.dumps(run_settings(job), default=str))
+    finished = None if job.overwrite else rundir.finished(settings)
+    if finished is not None:
         progress.log(f"[finetune] {job.output} already holds this run, complete; --overwrite trains it again")
         drop_checkpoint(Path(job.output))  # in case a kill came between the end and the clean-up
-        return {**previous["result"], "output": str(Path(job.output))}
+        return {**finished, "output": str(Path(job.output))}
+    previous = rundir.begin(settings, overwrite=job.overwrite, continues=True,
+                            describe=lambda old: _describe_change(old, settings))
+    action = "resume" if previous is not None else "new"
     t0 = time.perf_counter()
     cfg = job.training
     dataset = read_qa_dataset(job.train, job.input_format)
@@ -490,7 +482,7 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
     }
-    _write_json(out / TRAINING_ARGS, args)
+    rundir.write(TRAINING_ARGS, args)
     if resume is not None:
         progress.log(f"[finetune] continuing {out} from its checkpoint at step {resume.step}")
 
@@ -554,8 +546,9 @@ def run_finetune(job: FinetuneJob, progress: Progress | None = None) -> dict[str
         "output": str(out),
     }
     args.update(status="complete", qass_head=origin, result={k: v for k, v in stats.items() if k != "output"})
-    _write_json(out / TRAINING_ARGS, args)  # its "complete" marks the directory finished
+    rundir.write(TRAINING_ARGS, args)
     drop_checkpoint(out)
+    rundir.complete(stats)  # last: the directory is finished
     return stats
 
 
