@@ -1,9 +1,11 @@
 """`splinter pretrain` on Ray Train: real mined Wikipedia text, a tiny model, 2 CPU workers (DDP).
 
-One run is started as a real `splinter pretrain` process with its own embedded Ray and its driver is
-killed (SIGKILL) once a checkpoint is registered; the same command is then rerun (here, on the test
-session's Ray): it resumes from that checkpoint, says so in the log, finishes with the requested total
-steps, the loss falls, and the final model loads in transformers with outputs equal to ours.
+One run is started as a real `splinter pretrain` process with its own embedded Ray and stopped with
+SIGTERM (what Kubernetes and Slurm send) once a checkpoint is registered: the workers finish their step,
+checkpoint it, and the driver exits 143 in one line, leaving no process behind. The same command is then
+rerun (here, on the test session's Ray): it resumes from that checkpoint, says so in the log, finishes with
+the requested total steps, the loss falls, and the final model loads in transformers with outputs equal
+to ours. (A driver killed outright resumes the same way: tests/test_node_loss.py.)
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from cluster_fixture import MARKER, _pids_with_marker
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -82,39 +86,50 @@ def _registered_step(out: Path) -> int:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver, then whatever is left of the Ray it started (its own process group)."""
-    proc.kill()
-    proc.wait(timeout=30)
-    time.sleep(1)
+    """SIGKILL whatever is left of the run (its own process group)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
-def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
+def test_sigterm_checkpoints_the_step_reached_and_the_rerun_finishes(mined, tiny, tmp_path, ray_session):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), MARKER: marker}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *_args(mined, out, tiny), "--num-cpus", "2", "-q"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while _registered_step(out) < EVERY:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
             time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read().decode()
     finally:
-        _kill_group(proc)
-    killed_at = max((r["step"] for r in _log(out) if "loss" in r), default=0)
-    assert EVERY <= killed_at < STEPS, "the driver must die mid-run"
+        if proc.poll() is None:
+            _kill_group(proc)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 143 and len(lines) == 1, err
+    stopped_at = int(re.fullmatch(rf"stopped by SIGTERM; (\d+) of {STEPS} steps done, checkpoint at step \1; "
+                                  "rerun the same command to continue", lines[0]).group(1))
+    assert EVERY <= stopped_at < STEPS and _registered_step(out) == stopped_at  # the step reached, checkpointed
+    assert [r for r in _log(out) if r.get("event") == "stopped"][0]["step"] == stopped_at
+    deadline = time.monotonic() + 30
+    while _pids_with_marker(marker):  # the run's raylet, GCS and workers went with it
+        assert time.monotonic() < deadline, f"left running: {_pids_with_marker(marker)}"
+        time.sleep(0.2)
     assert not (out / "__splinter__" / "_SUCCESS").exists() and not (out / "final").exists()
     # The stopped run's report: what its log holds so far, marked partial.
     stopped = CliRunner().invoke(app, ["report", str(out)])
     assert stopped.exit_code == 0, stopped.output
     page = (out / "report.html").read_text()
     logged = re.search(rf"(\d+) of {STEPS} steps logged", page)  # workers may log a step more as they die
-    assert 'id="status">partial<' in page and logged and killed_at <= int(logged.group(1)) < STEPS
+    assert 'id="status">partial<' in page and logged and int(logged.group(1)) == stopped_at
 
     # The same command again (on this session's Ray): it continues from the registered checkpoint.
     cfg = PretrainConfig(
@@ -124,7 +139,7 @@ def test_killed_driver_resumes_and_finishes(mined, tiny, tmp_path, ray_session):
     summary = run_pretrain(cfg)
     log = _log(out)
     (resume,) = [r for r in log if r.get("event") == "resume"]
-    assert resume["step"] >= EVERY and resume["step"] % EVERY == 0
+    assert resume["step"] == stopped_at
     assert resume["checkpoint"].endswith(f"step-{resume['step']:08d}")
     after = log[log.index(resume) + 1 :]
     assert [r["step"] for r in after if "loss" in r] == list(range(resume["step"] + 1, STEPS + 1))

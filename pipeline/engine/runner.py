@@ -425,8 +425,11 @@ def _stall_report(spec: JobSpec, tracker: _Tracker, resources: list[Resources]) 
                    f"({written:,} rows written) and kept")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Attach to the cluster named by `address` or RAY_ADDRESS; otherwise start an embedded local Ray."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, worker_output: bool = True) -> None:
+    """Attach to the cluster named by `address` or RAY_ADDRESS; otherwise start an embedded local Ray.
+
+    `worker_output=False` keeps Ray's workers' own prints off the driver's console, for jobs whose workers
+    report through records of their own (pretrain's trainer_log.jsonl)."""
     import ray
 
     # Our driver reports progress itself; Ray Data's own progress log would drown it.
@@ -437,7 +440,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"log_to_driver": worker_output, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pipeline.storage.filesystems import filesystem
+from pipeline.storage.filesystems import filesystem, is_uri
 from pipeline.training.tensorboard_events import EventLog
 from splinter import load_from_bert
 from splinter.checkpoint import load_pretrained
@@ -128,7 +128,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     try:
         _train(cfg)
     except BaseException as exc:
-        if "://" not in cfg["output"]:
+        if not is_uri(cfg["output"]):
             rank = ray.train.get_context().get_world_rank()
             with open(f"{cfg['output']}/{LOG_NAME}", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"event": "error", "rank": rank, "error": f"{type(exc).__name__}: {exc}",
@@ -202,11 +202,21 @@ def _train(cfg: dict[str, Any]) -> None:
     pos = {"epoch": record["epoch"], "step_in_epoch": record["step_in_epoch"], "rows_seen": record["rows_seen"]}
     metrics: dict[str, Any] = {"step": trainer.step}
     saved_at = trainer.step if resumed else -1
+    stopped = False
     tick = time.perf_counter()
 
+    def stop_asked() -> bool:
+        """Did the driver get SIGTERM/SIGINT? Every worker asks and all agree (any one counts), so they
+        checkpoint at the same step and leave together."""
+        asked = 0.0
+        if sink is not None:
+            with contextlib.suppress(Exception):  # a slow sink must not stop training: ask again next step
+                asked = float(ray.get(sink.stop_requested.remote(), timeout=10))
+        return _all_sum([asked], device)[0] > 0
+
     def take_step(group: list[dict[str, torch.Tensor]]) -> bool:
-        """One optimizer step and its bookkeeping; True when the run has all its steps."""
-        nonlocal metrics, saved_at, tick
+        """One optimizer step and its bookkeeping; True when the run has all its steps or must stop."""
+        nonlocal metrics, saved_at, tick, stopped
         result = trainer(group)
         pos["step_in_epoch"] += 1
         metrics = _step_metrics(trainer, result, pos["epoch"], tick, device)
@@ -216,11 +226,12 @@ def _train(cfg: dict[str, Any]) -> None:
             events.write(metrics)
             if sink is not None:
                 sink.put.remote(metrics)
-        if trainer.step % cfg["checkpoint_every"] == 0 or trainer.step >= hp.max_steps:
+        stopped = trainer.step < hp.max_steps and stop_asked()
+        if trainer.step % cfg["checkpoint_every"] == 0 or trainer.step >= hp.max_steps or stopped:
             save(pos, metrics)
             saved_at = trainer.step
         tick = time.perf_counter()
-        return trainer.step >= hp.max_steps
+        return trainer.step >= hp.max_steps or stopped
 
     shard = ray.train.get_dataset_shard("train")
     done = trainer.step >= hp.max_steps
@@ -253,12 +264,12 @@ def _train(cfg: dict[str, Any]) -> None:
     if saved_at != trainer.step:  # a rerun of a finished run: its final state is reported once more
         save(pos, metrics)
     if log is not None:
-        log.write({"event": "done", "step": trainer.step, "time": time.time()})
+        log.write({"event": "stopped" if stopped else "done", "step": trainer.step, "time": time.time()})
         log.flush()
         if events is not None:
             events.close()
         if sink is not None:  # waiting on the last record means the driver has every earlier one
-            ray.get(sink.put.remote({"event": "done", "step": trainer.step}))
+            ray.get(sink.put.remote({"event": "stopped" if stopped else "done", "step": trainer.step}))
 
 
 def _step_metrics(

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import pyarrow.fs as pafs
 
 from pipeline.progress import NullProgress, Progress
 from pipeline.settings import ConfigError
+from pipeline.signals import STOP, JobStopped, stop_at_safe_points
 from pipeline.storage.filesystems import filesystem, is_uri
 from pipeline.storage.rundir import RunDir, read_json
 from pipeline.training.pretrain_data import (
@@ -161,7 +163,8 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------- running
 class _ProgressSink:
-    """A tiny actor between rank 0 and the driver: log records in, drained by the driver's display."""
+    """A tiny actor between the workers and the driver: rank 0's log records in, drained by the driver's
+    display; and the driver's request to stop (a signal), which every worker asks after each step."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
@@ -172,6 +175,12 @@ class _ProgressSink:
     def take(self) -> list[dict[str, Any]]:
         out, self.records = self.records, []
         return out
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return getattr(self, "stop", False)
 
 
 def _cpus_per_worker(cfg: PretrainConfig) -> float:
@@ -202,12 +211,14 @@ def _start_ray(cfg: PretrainConfig) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     if ray.is_initialized() or cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        init_ray(cfg.ray_address, None)
+        init_ray(cfg.ray_address, None, worker_output=False)
         return
     # An embedded Ray: one logical CPU more than the machine has, so the workers can take every core
     # for torch while Ray Data's (light) reading tasks still get scheduled.
     cores = cfg.num_cpus or os.cpu_count() or 1
-    init_ray(None, max(cores, math.ceil(cfg.num_workers * (cfg.cpus_per_worker or 1))) + 1)
+    # Ray Train's and Ray Data's workers print their own progress and warnings; ours is trainer_log.jsonl
+    # and the driver's progress line, and a worker's failure is one line naming that log.
+    init_ray(None, max(cores, math.ceil(cfg.num_workers * (cfg.cpus_per_worker or 1))) + 1, worker_output=False)
 
 
 def _resume_epoch(cfg: PretrainConfig) -> int:
@@ -347,17 +358,29 @@ def _train(cfg: PretrainConfig, rundir: RunDir, state: str, data: MinedData, sou
             elif record.get("event") == "resume":
                 progress.log(f"[pretrain] resumed at step {record['step']} from {record.get('checkpoint')}")
 
+    asked = False
     try:
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-            show(ray.get(sink.take.remote()))
-        show(ray.get(sink.take.remote()))  # whatever arrived while the last wait ended
+        # A first SIGTERM/SIGINT asks the workers to finish their step and checkpoint it; a second one
+        # stops at once (pipeline.signals).
+        with stop_at_safe_points():
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+                if STOP.requested() and not asked:
+                    asked = True
+                    sink.request_stop.remote()
+                show(ray.get(sink.take.remote()))
+            show(ray.get(sink.take.remote()))  # whatever arrived while the last wait ended
     finally:
         progress.close()
     ray.kill(sink)
     if "error" in outcome:
         raise PretrainError(f"pretraining failed: {_worker_error(outcome['error'])} (log: {cfg.output}/{LOG_NAME})")
     result = outcome["result"]
+    reached = int((result.metrics or {}).get("step", 0))
+    if asked and reached < hp.max_steps:
+        raise JobStopped(STOP.signum or signal.SIGTERM,
+                         progress=f"{reached} of {hp.max_steps} steps done, checkpoint at step {reached}",
+                         advice="rerun the same command to continue")
     return _finish(cfg, rundir, result, time.perf_counter() - started)
 
 
