@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Self
 
 import yaml
 
+from pipeline.paths import is_uri
+
 # json: one JSON array of records. Any format may be gzip/bzip2/zstd compressed.
 FORMATS = ("auto", "parquet", "jsonl", "json", "text", "textblocks", "wikiextractor", "squad", "mrqa")
 
@@ -114,7 +116,7 @@ class RunConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
         for path in self.input:
-            if "://" not in path and not any(ch in path for ch in "*?[") and not os.path.exists(path):
+            if not is_uri(path) and not any(ch in path for ch in "*?[") and not os.path.exists(path):
                 raise ConfigError(f"input not found: {path}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"num_cpus must be >= 1, got {self.num_cpus}")
@@ -191,7 +193,7 @@ class MineConfig(RunConfig):
             raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.tokenizer and "://" not in self.tokenizer and not os.path.exists(self.tokenizer):
+        if self.tokenizer and not is_uri(self.tokenizer) and not os.path.exists(self.tokenizer):
             raise ConfigError(f"tokenizer not found: {self.tokenizer} (a directory or a vocab.txt)")
 
     def required_columns(self) -> dict[str, str]:
@@ -278,7 +280,7 @@ class ExtractConfig(RunConfig):
         super().validate()
         if not self.model:
             raise ConfigError("no model given: pass --model DIR (a Splinter checkpoint directory)")
-        if "://" not in self.model:
+        if not is_uri(self.model):
             model = Path(self.model)
             if not model.is_dir():
                 raise ConfigError(f"model directory not found: {model}")
@@ -309,7 +311,7 @@ class ExtractConfig(RunConfig):
             raise ConfigError("max_answer_length and max_context_chars must be >= 1, n_best >= 0")
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
-        if self.questions and "://" not in self.questions and not os.path.isfile(self.questions):
+        if self.questions and not is_uri(self.questions) and not os.path.isfile(self.questions):
             raise ConfigError(f"--questions file not found: {self.questions}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")

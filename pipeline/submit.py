@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from pipeline.paths import is_uri
+
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_ADDRESS = f"http://127.0.0.1:{DEFAULT_DASHBOARD_PORT}"
 # Ports that name other Ray services, never the dashboard: a GCS address (what `ray start` prints,
@@ -160,7 +162,7 @@ def validate_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
     if working_dir is not None:
         if not isinstance(working_dir, str):
             raise SubmitError(f"`working_dir` must be a path or URI, got {working_dir!r}")
-        if "://" not in working_dir and not Path(working_dir).is_dir():
+        if not is_uri(working_dir) and not Path(working_dir).is_dir():
             raise SubmitError(f"working_dir {working_dir!r} is not a directory")
     try:
         RuntimeEnv(**runtime_env)  # Ray's own checks: pip/conda/uv conflicts, field types

@@ -78,7 +78,7 @@ GRAPH = _project_graph()
 # Layer of every module, by its longest matching prefix; higher may import lower or equal, never higher.
 RANKS = {
     "splinter": 0,
-    "pipeline": 1,  # the package itself, pipeline.settings, pipeline.progress, pipeline.signals
+    "pipeline": 1,  # the package itself, pipeline.settings, pipeline.progress, pipeline.signals, pipeline.paths
     "pipeline.storage": 2,
     "pipeline.engine": 3,
     "pipeline.stages": 4,
@@ -90,7 +90,7 @@ RANKS = {
     "jobs": 8,
 }
 # Modules of the bottom pipeline layer: anything else at pipeline/'s top level must be placed in RANKS.
-PIPELINE_BASE = {"pipeline", "pipeline.settings", "pipeline.progress", "pipeline.signals"}
+PIPELINE_BASE = {"pipeline", "pipeline.settings", "pipeline.progress", "pipeline.signals", "pipeline.paths"}
 
 
 def _rank(module: str) -> int:

@@ -18,6 +18,7 @@ from pipeline.corpus.schemas import qa_schema
 from pipeline.engine.resources import Resources
 from pipeline.engine.runner import run_config
 from pipeline.engine.spec import JobSpec, StageSpec
+from pipeline.paths import is_uri
 from pipeline.progress import Progress
 from pipeline.settings import ConfigError, ExtractConfig
 from pipeline.stages.corpus_qa import CorpusQATokenize
@@ -247,7 +248,7 @@ def _untrained_head_warning(model: str) -> str | None:
     """The driver's one look at the checkpoint's QASS head history (headers only); never fails the job."""
     from splinter.checkpoint import untrained_qass_warning
 
-    if "://" in model:
+    if is_uri(model):
         return None
     try:
         return untrained_qass_warning(model)

@@ -17,8 +17,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.paths import is_uri
 from pipeline.settings import ConfigError, ExtractConfig, MineConfig
-from pipeline.storage.filesystems import filesystem, is_uri
+from pipeline.storage.filesystems import filesystem
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.engine.stats import merge_stats
+from pipeline.paths import is_uri
 from pipeline.storage.filesystems import filesystem
 from pipeline.storage.rundir import JOB_FILE, META, STATS_FILE, SUCCESS_FILE
 from pipeline.training.fewshot_grid import summary_table
@@ -189,7 +190,7 @@ def _read_extract(out: _Dir, output: str) -> Run:
         run.data["answers_per_question"] = np.array(per_question, dtype=np.int64)
     model = run.settings.get("model")
     if isinstance(model, str):
-        run.data["model_config"] = _Dir(model).json_or_none("config.json") if "://" not in model else None
+        run.data["model_config"] = _Dir(model).json_or_none("config.json") if not is_uri(model) else None
     return run
 
 

@@ -26,19 +26,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipeline.paths import is_uri
 from pipeline.settings import ConfigError
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _QUERY = re.compile(r"[A-Za-z_][\w.]*=[^&/]*(?:&[A-Za-z_][\w.]*=[^&/]*)*")
 _LOCAL = pafs.LocalFileSystem()
 _CLIENTS: dict[str, pafs.FileSystem] = {}
 
 # Suffix -> pyarrow codec; content sniffing (`sniff_codec`) finds misnamed files too.
 CODEC_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
-
-
-def is_uri(path: str) -> bool:
-    return bool(_SCHEME.match(path))
 
 
 def split_query(uri: str) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.paths import is_uri
 from splinter.config import SplinterConfig
 from splinter.model import SplinterForQuestionAnswering
 from splinter.tokenizer import SplinterTokenizer
@@ -96,7 +97,7 @@ def read_checkpoint(location: str) -> ShippedModel:
         tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
         return ShippedModel(location, model.config.to_dict(), tensors, tokenizer)
 
-    if "://" not in location:
+    if not is_uri(location):
         if not Path(location).is_dir():
             raise ConfigError(f"--model {location}: directory not found")
         return load(Path(location))

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.paths import is_uri
 from pipeline.settings import ConfigError
 from pipeline.storage.filesystems import filesystem
 from pipeline.storage.rundir import JOB_FILE, STATS_FILE, SUCCESS_FILE
@@ -98,7 +99,7 @@ def inspect_mined(mined: str) -> MinedData:
     max_length = max(max_length, int(config.get("max_seq_length", 0)))
     columns = needed + (["position_ids"] if "position_ids" in schema.names else [])
     layout = "original" if "position_ids" in schema.names else "collapsed"
-    if "://" in mined:
+    if is_uri(mined):
         files = [f"{mined.split('://', 1)[0]}://{f}" for f in files]
     return MinedData(files, rows, layout, max_length, question_ids, max_id, config.get("tokenizer"), columns)
 

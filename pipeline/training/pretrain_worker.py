@@ -29,11 +29,13 @@ import shutil
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.storage.filesystems import filesystem, is_uri
+from pipeline.paths import is_uri
+from pipeline.storage.filesystems import filesystem
 from pipeline.training.tensorboard_events import EventLog
 from splinter import load_from_bert
 from splinter.checkpoint import load_pretrained
@@ -58,7 +60,7 @@ class TrainerLog:
     def __init__(self, output: str) -> None:
         self.fs, root = filesystem(output)
         self.path = f"{root}/{LOG_NAME}"
-        self.local = "://" not in output
+        self.local = not is_uri(output)
         self.lines: list[str] = []
         if not self.local:
             with contextlib.suppress(FileNotFoundError, OSError), self.fs.open_input_stream(self.path) as f:
@@ -76,6 +78,24 @@ class TrainerLog:
         if not self.local:
             with self.fs.open_output_stream(self.path) as f:
                 f.write("".join(self.lines).encode())
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a Ray Train worker needs, built and checked once on the driver
+    (`pipeline.training.pretraining`) and passed across the Ray Train boundary as this object."""
+
+    hparams: PretrainHParams
+    source: dict[str, Any]  # pretrain_data.ModelSource.plain(): what a fresh run starts from
+    tokenizer: Any  # saved with every checkpoint, so a checkpoint is a complete model directory
+    seed: int
+    shuffle: str  # "global" (Ray Data shuffles every epoch) or "local" (a per-worker buffer)
+    shuffle_buffer: int
+    checkpoint_every: int
+    output: str  # a URI or an absolute path: Ray Train's storage
+    threads: int  # torch threads per worker
+    run_id: str  # the run's settings, stamped into every checkpoint
+    sink: Any = None  # the driver's progress/stop actor
 
 
 def _initial_model(source: dict[str, Any], seed: int) -> SplinterForPreTraining:
@@ -108,8 +128,8 @@ class _NoTracebackEcho(logging.Filter):
         return not record.getMessage().startswith("Error in training function")
 
 
-def train_worker(cfg: dict[str, Any]) -> None:
-    """The TorchTrainer `train_loop_per_worker`. `cfg` is plain data built by `pipeline.training.pretraining`.
+def train_worker(config: dict[str, WorkerPlan]) -> None:
+    """The TorchTrainer `train_loop_per_worker`; `config["plan"]` is the WorkerPlan the driver built.
 
     A failure is recorded in trainer_log.jsonl (one line and the traceback) before it propagates:
     the driver then prints one line naming the log, and Ray Train restarts the workers from the newest
@@ -125,46 +145,47 @@ def train_worker(cfg: dict[str, Any]) -> None:
     if spec is not None and spec.origin:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
     logging.getLogger("ray.train.v2._internal.util").addFilter(_NoTracebackEcho())
+    cfg = config["plan"]
     try:
         _train(cfg)
     except BaseException as exc:
-        if not is_uri(cfg["output"]):
+        if not is_uri(cfg.output):
             rank = ray.train.get_context().get_world_rank()
-            with open(f"{cfg['output']}/{LOG_NAME}", "a", encoding="utf-8") as f:
+            with open(f"{cfg.output}/{LOG_NAME}", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"event": "error", "rank": rank, "error": f"{type(exc).__name__}: {exc}",
                                     "traceback": traceback.format_exc(), "time": time.time()}) + "\n")
         raise
 
 
-def _train(cfg: dict[str, Any]) -> None:
+def _train(cfg: WorkerPlan) -> None:
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(cfg.threads)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    hp = PretrainHParams(**cfg["hparams"])
+    hp = cfg.hparams
     micro = hp.micro_batch(world)
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
 
     with checkpoint.as_directory() if resumed else contextlib.nullcontext(None) as ckpt_dir:
         model = (
-            load_pretrained(SplinterForPreTraining, ckpt_dir) if resumed else _initial_model(cfg["source"], cfg["seed"])
+            load_pretrained(SplinterForPreTraining, ckpt_dir) if resumed else _initial_model(cfg.source, cfg.seed)
         )
         model = ray.train.torch.prepare_model(model)
         bf16 = on_gpu and torch.cuda.is_bf16_supported()
         trainer = PretrainStep(model, hp, device=device, autocast=torch.bfloat16 if bf16 else None)
         record = load_trainer_state(ckpt_dir, trainer) if resumed else {"epoch": 0, "step_in_epoch": 0, "rows_seen": 0}
     # Dropout differs per worker and per resume point, reproducibly.
-    torch.manual_seed(derive_seed(cfg["seed"], "dropout", rank, trainer.step))
+    torch.manual_seed(derive_seed(cfg.seed, "dropout", rank, trainer.step))
 
-    log = TrainerLog(cfg["output"]) if rank == 0 else None
+    log = TrainerLog(cfg.output) if rank == 0 else None
     # TensorBoard's copy of the step records (rank 0 only); a resume drops the earlier file's steps after it.
-    events = EventLog(cfg["output"], purge_step=trainer.step + 1 if resumed else None) if rank == 0 else None
-    sink = cfg.get("sink")
+    events = EventLog(cfg.output, purge_step=trainer.step + 1 if resumed else None) if rank == 0 else None
+    sink = cfg.sink
     if log is not None:
         event = {
             "event": "resume" if resumed else "start",
@@ -182,7 +203,7 @@ def _train(cfg: dict[str, Any]) -> None:
             sink.put.remote(event)
 
     def save(pos: dict[str, int], metrics: dict[str, Any]) -> None:
-        state = {**pos, "run": cfg["run_id"]}
+        state = {**pos, "run": cfg.run_id}
         name = f"step-{trainer.step:08d}"
         if rank == 0:
             assert log is not None
@@ -192,7 +213,7 @@ def _train(cfg: dict[str, Any]) -> None:
             events.flush()
             tmp = tempfile.mkdtemp(prefix="splinter-ckpt-")
             try:
-                save_checkpoint(tmp, trainer, state, tokenizer=cfg.get("tokenizer"))
+                save_checkpoint(tmp, trainer, state, tokenizer=cfg.tokenizer)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -227,7 +248,7 @@ def _train(cfg: dict[str, Any]) -> None:
             if sink is not None:
                 sink.put.remote(metrics)
         stopped = trainer.step < hp.max_steps and stop_asked()
-        if trainer.step % cfg["checkpoint_every"] == 0 or trainer.step >= hp.max_steps or stopped:
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step >= hp.max_steps or stopped:
             save(pos, metrics)
             saved_at = trainer.step
         tick = time.perf_counter()
@@ -236,13 +257,13 @@ def _train(cfg: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     done = trainer.step >= hp.max_steps
     while not done:
-        local_shuffle = cfg["shuffle"] == "local"
+        local_shuffle = cfg.shuffle == "local"
         batches = shard.iter_batches(
             batch_size=micro,
             batch_format="numpy",
             prefetch_batches=2,
-            local_shuffle_buffer_size=cfg["shuffle_buffer"] if local_shuffle else None,
-            local_shuffle_seed=derive_seed(cfg["seed"], "local-shuffle", pos["epoch"], rank) if local_shuffle else None,
+            local_shuffle_buffer_size=cfg.shuffle_buffer if local_shuffle else None,
+            local_shuffle_seed=derive_seed(cfg.seed, "local-shuffle", pos["epoch"], rank) if local_shuffle else None,
         )
         skip = pos["step_in_epoch"] * hp.grad_accum  # micro-batches trained on before a resume
         seen, group = 0, []
@@ -294,4 +315,4 @@ def _step_metrics(
     }
 
 
-__all__ = ["LOG_NAME", "TrainerLog", "derive_seed", "train_worker"]
+__all__ = ["LOG_NAME", "TrainerLog", "WorkerPlan", "derive_seed", "train_worker"]

@@ -34,10 +34,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.paths import is_uri
 from pipeline.progress import NullProgress, Progress
 from pipeline.settings import ConfigError
 from pipeline.signals import STOP, JobStopped, stop_at_safe_points
-from pipeline.storage.filesystems import filesystem, is_uri
+from pipeline.storage.filesystems import filesystem
 from pipeline.storage.rundir import RunDir, read_json
 from pipeline.training.pretrain_data import (
     MODEL_SIZES,
@@ -295,7 +296,7 @@ def _train(cfg: PretrainConfig, rundir: RunDir, state: str, data: MinedData, sou
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.training.pretrain_worker import LOG_NAME, train_worker
+    from pipeline.training.pretrain_worker import LOG_NAME, WorkerPlan, train_worker
 
     _start_ray(cfg)
     if cfg.use_gpu and not ray.cluster_resources().get("GPU") and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
@@ -304,22 +305,14 @@ def _train(cfg: PretrainConfig, rundir: RunDir, state: str, data: MinedData, sou
     root = filesystem(cfg.output)[1]
     storage = cfg.output if is_uri(cfg.output) else root  # Ray Train wants a URI or an absolute path
     sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
-    loop_config = {
-        "hparams": dataclasses.asdict(hp),
-        "source": source.plain(),
-        "tokenizer": source.tokenizer,
-        "seed": cfg.seed,
-        "shuffle": cfg.shuffle,
-        "shuffle_buffer": cfg.shuffle_buffer,
-        "checkpoint_every": cfg.checkpoint_every,
-        "output": storage,
-        "threads": max(1, int(cpus)),
-        "run_id": json.dumps(cfg.run_fields(), sort_keys=True),
-        "sink": sink,
-    }
+    plan = WorkerPlan(
+        hparams=hp, source=source.plain(), tokenizer=source.tokenizer, seed=cfg.seed, shuffle=cfg.shuffle,
+        shuffle_buffer=cfg.shuffle_buffer, checkpoint_every=cfg.checkpoint_every, output=storage,
+        threads=max(1, int(cpus)), run_id=json.dumps(cfg.run_fields(), sort_keys=True), sink=sink,
+    )  # fmt: skip
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,

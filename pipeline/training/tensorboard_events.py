@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from pipeline.paths import is_uri
 from pipeline.storage.filesystems import filesystem
 
 TENSORBOARD_DIR = "tensorboard"
@@ -49,7 +50,7 @@ class EventLog:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.remote = "://" in output
+        self.remote = is_uri(output)
         self.fs, root = filesystem(output)
         self.target = f"{root}/{TENSORBOARD_DIR}"
         self.local_dir = tempfile.mkdtemp(prefix="splinter-tb-") if self.remote else self.target
