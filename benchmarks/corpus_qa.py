@@ -39,8 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.corpus.extraction import run_extract  # noqa: E402
-from pipeline.settings import ExtractConfig  # noqa: E402
-from pipeline.training.finetuning import FinetuneJob, run_finetune  # noqa: E402
+from pipeline.settings import (
+    ExtractConfig,  # noqa: E402
+    FinetuneJob,  # noqa: E402
+)
+from pipeline.training.finetuning import run_finetune  # noqa: E402
 from splinter.bert import bert_to_splinter  # noqa: E402
 from splinter.squad import f1_score, load_squad  # noqa: E402
 from splinter.train import FinetuneConfig  # noqa: E402

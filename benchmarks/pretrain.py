@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.corpus.mining import run_mine  # noqa: E402
-from pipeline.settings import MineConfig  # noqa: E402
-from pipeline.training.pretraining import PretrainConfig, run_pretrain  # noqa: E402
+from pipeline.settings import MineConfig, PretrainConfig  # noqa: E402
+from pipeline.training.pretraining import run_pretrain  # noqa: E402
 from splinter.checkpoint import load_pretrained  # noqa: E402
 from splinter.collate import collate_pretraining  # noqa: E402
 from splinter.model import SplinterForPreTraining  # noqa: E402

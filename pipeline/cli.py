@@ -365,9 +365,9 @@ def finetune(
 
     A run stopped (SIGTERM, Ctrl-C) or killed continues from its last checkpoint when the same command is
     run again; rerunning a finished run prints its summary. --overwrite starts over."""
-    from pipeline.settings import ConfigError
+    from pipeline.settings import ConfigError, FinetuneJob
     from pipeline.signals import JobStopped, job_running
-    from pipeline.training.finetuning import FinetuneJob, format_finetune_summary, run_finetune
+    from pipeline.training.finetuning import format_finetune_summary, run_finetune
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     job = _training_settings(FinetuneJob, config, dict(
@@ -430,9 +430,9 @@ def fewshot(
     report: ReportOpt = False,
 ) -> None:
     """The paper's few-shot grid: for every (K, seed) sample, fine-tune, answer DEV, score; runs are Ray tasks."""
-    from pipeline.settings import ConfigError
+    from pipeline.settings import ConfigError, FewshotJob
     from pipeline.signals import JobStopped, job_running
-    from pipeline.training.fewshot_grid import FewshotJob, format_fewshot_summary, run_fewshot
+    from pipeline.training.fewshot_grid import format_fewshot_summary, run_fewshot
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     job = _training_settings(FewshotJob, config, dict(
@@ -490,14 +490,9 @@ def pretrain(
     report: ReportOpt = False,
 ) -> None:
     """Pretrain Splinter by recurring span selection on mined data, with Ray Train (DDP over workers)."""
-    from pipeline.settings import ConfigError
+    from pipeline.settings import ConfigError, PretrainConfig
     from pipeline.signals import JobStopped, job_running
-    from pipeline.training.pretraining import (
-        PretrainConfig,
-        PretrainError,
-        format_pretrain_summary,
-        run_pretrain,
-    )
+    from pipeline.training.pretraining import PretrainError, format_pretrain_summary, run_pretrain
 
     cfg = _build_settings(PretrainConfig, config, dict(
         mined=mined, output=output, model=model, from_bert=from_bert, model_config=model_config, preset=preset,

@@ -12,11 +12,15 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import yaml
 
 from pipeline.paths import is_uri
+
+if TYPE_CHECKING:
+    from splinter.pretrain import PretrainHParams
+    from splinter.train import FinetuneConfig
 
 # json: one JSON array of records. Any format may be gzip/bzip2/zstd compressed.
 FORMATS = ("auto", "parquet", "jsonl", "json", "text", "textblocks", "wikiextractor", "squad", "mrqa")
@@ -322,3 +326,178 @@ class ExtractConfig(RunConfig):
         if self.questions:
             return {self.text_column: "--text-column"}
         return {self.question_column: "--question-column", self.context_column: "--context-column"}
+
+
+# ------------------------------------------------------------------------------------------- training jobs
+# The library's training settings (splinter.train, splinter.pretrain) import torch: only when a training
+# job is set up, so the corpus jobs' settings stay light.
+def _finetune_config() -> FinetuneConfig:
+    from splinter.train import FinetuneConfig
+
+    return FinetuneConfig()
+
+
+SHUFFLES = ("global", "local")
+# Fields that decide what is trained: a rerun into the same OUTPUT must not change them.
+RUN_FIELDS = (
+    "mined", "model", "from_bert", "model_config", "preset", "batch_size", "learning_rate", "warmup_steps",
+    "max_steps", "grad_accum", "weight_decay", "max_grad_norm", "seed", "shuffle", "shuffle_buffer",
+)  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    """`splinter pretrain MINED OUTPUT`; None fields take the preset's value."""
+
+    mined: str = ""
+    output: str = ""
+    model: str | None = None  # a Splinter checkpoint directory
+    from_bert: str | None = None  # a BERT-family checkpoint directory (fresh QASS head)
+    model_config: str | None = None  # "base", "large" or a config.json: a freshly initialised model
+    preset: str = "laptop"
+    batch_size: int | None = None  # sequences per optimizer step, all workers together
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    max_steps: int | None = None
+    grad_accum: int = 1
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs less one for data, shared out
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+    shuffle: str = "global"
+    shuffle_buffer: int = 10_000  # rows per worker, for --shuffle local
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    overwrite: bool = False
+    ray_address: str | None = None
+    num_cpus: int | None = None
+
+    def hparams(self) -> PretrainHParams:
+        from splinter.pretrain import PRESETS, PretrainHParams  # here: torch only when training
+
+        base = PRESETS[self.preset]
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(PretrainHParams) if hasattr(self, f.name)}
+        return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+    def validate(self) -> None:
+        if not self.mined or not self.output:
+            raise ConfigError("give the mined data (a `splinter mine` output) and an output directory")
+        sources = [name for name in ("model", "from_bert", "model_config") if getattr(self, name)]
+        if len(sources) != 1:
+            raise ConfigError("give exactly one of --model DIR, --from-bert DIR or --model-config base|large|FILE")
+        for name in ("model", "from_bert"):
+            path = getattr(self, name)
+            if path and not (Path(path) / "config.json").is_file():
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} {path}: no config.json there; pass a checkpoint directory")
+        from splinter.config import MODEL_SIZES
+        from splinter.pretrain import PRESETS
+
+        if self.model_config and self.model_config not in MODEL_SIZES and not Path(self.model_config).is_file():
+            raise ConfigError(f"--model-config {self.model_config}: neither base, large nor a config.json file")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.shuffle not in SHUFFLES:
+            raise ConfigError(f"--shuffle must be global or local, got {self.shuffle!r}")
+        if self.num_workers < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.shuffle_buffer < 1:
+            raise ConfigError("--num-workers, --checkpoint-every, --keep-checkpoints and --shuffle-buffer must be >= 1")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ConfigError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
+        try:
+            self.hparams().micro_batch(self.num_workers)
+        except ValueError as exc:
+            raise ConfigError(f"--batch-size: {exc}") from None
+
+    def run_fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in RUN_FIELDS} | {"hparams": dataclasses.asdict(self.hparams())}
+
+
+@dataclass
+class FinetuneJob:
+    """One `splinter finetune` run; `training` holds the library's hyper-parameters (authors' defaults)."""
+
+    train: str
+    output: str
+    model: str
+    examples: int | None = None
+    sample_seed: int = 42
+    input_format: str = "auto"
+    overwrite: bool = False
+    num_threads: int | None = None
+    training: FinetuneConfig = field(default_factory=_finetune_config)
+    # Unanswerable pairs per training question (pipeline.training.negatives), labelled [CLS].
+    negatives: int = 0
+    # Steps between checkpoints of the training state (0: none, but a stop by signal still writes one).
+    checkpoint_every: int = 50
+
+    def validate(self) -> None:
+        if not Path(self.model).is_dir() or not (Path(self.model) / "config.json").is_file():
+            raise ConfigError(f"--model {self.model}: not a checkpoint directory (no config.json)")
+        if self.examples is not None and self.examples < 1:
+            raise ConfigError(f"--examples must be >= 1, got {self.examples}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.num_threads}")
+        if self.negatives < 0:
+            raise ConfigError(f"--negatives must be >= 0, got {self.negatives}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 (0: no periodic checkpoints), got {self.checkpoint_every}")
+        if Path(self.output).resolve() == Path(self.model).resolve():
+            raise ConfigError(f"the output {self.output} is the --model directory itself: name a new directory")
+        try:
+            self.training.validate()
+        except ValueError as exc:
+            raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
+        from splinter.train import resolve_device
+
+        try:
+            resolve_device(self.training.device)
+        except ValueError as exc:
+            raise ConfigError(f"--device: {exc}") from None
+
+
+@dataclass
+class FewshotJob:
+    """The (K, seed) grid and what every run shares."""
+
+    train: str
+    dev: str
+    output: str
+    model: str
+    examples: list[int] = field(default_factory=lambda: [16, 128, 1024])
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44, 45, 46])
+    training: FinetuneConfig = field(default_factory=_finetune_config)
+    train_seed: int | None = None  # None: each run trains with its sampling seed
+    eval_examples: int | None = None  # score on a fixed sample of N DEV questions (default: all)
+    max_answer_length: int = 30
+    input_format: str = "auto"
+    dev_format: str = "auto"
+    cpus_per_run: int = 1
+    overwrite: bool = False
+    address: str | None = None
+    num_cpus: int | None = None
+
+    def validate(self) -> None:
+        for name, path in (("TRAIN", self.train), ("DEV", self.dev)):
+            if not os.path.exists(path):
+                raise ConfigError(f"{name} not found: {path}")
+        if not Path(self.model).is_dir() or not (Path(self.model) / "config.json").is_file():
+            raise ConfigError(f"--model {self.model}: not a checkpoint directory (no config.json)")
+        if not self.examples or any(k < 1 for k in self.examples):
+            raise ConfigError(f"--examples needs one or more sizes >= 1, got {self.examples}")
+        if not self.seeds:
+            raise ConfigError("--seeds needs one or more seeds")
+        if len(set(self.examples)) != len(self.examples) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("--examples and --seeds must not repeat a value")
+        if self.cpus_per_run < 1 or (self.eval_examples is not None and self.eval_examples < 1):
+            raise ConfigError("--cpus-per-run and --eval-examples must be >= 1")
+        if self.max_answer_length < 1:
+            raise ConfigError(f"--max-answer-length must be >= 1, got {self.max_answer_length}")
+        try:
+            self.training.validate()
+        except ValueError as exc:
+            raise ConfigError(f"--{str(exc).replace('_', '-')}") from None

@@ -44,6 +44,11 @@ _GENERIC_HF_KEYS = frozenset(
     }
 )
 
+MODEL_SIZES = {  # BERT-base and BERT-large shapes, as Splinter-base/-large use
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+}
+
 
 @dataclass
 class SplinterConfig:

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import _cluster_command, app
-from pipeline.settings import ConfigError
-from pipeline.training.fewshot_grid import FewshotJob, format_fewshot_summary, run_fewshot
+from pipeline.settings import ConfigError, FewshotJob
+from pipeline.training.fewshot_grid import format_fewshot_summary, run_fewshot
 from splinter.train import FinetuneConfig
 from tests.conftest import DATA, package_file
 

@@ -17,9 +17,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.corpus.extraction import format_extract_summary, run_extract
-from pipeline.settings import ConfigError, ExtractConfig
+from pipeline.settings import ConfigError, ExtractConfig, FinetuneJob
 from pipeline.training.finetuning import (
-    FinetuneJob,
     format_finetune_summary,
     read_qa_dataset,
     run_finetune,

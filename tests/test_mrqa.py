@@ -13,8 +13,8 @@ import pytest
 
 from pipeline.corpus.evaluation import evaluate_files, load_gold
 from pipeline.corpus.extraction import run_extract
-from pipeline.settings import ExtractConfig
-from pipeline.training.fewshot_grid import FewshotJob, run_fewshot
+from pipeline.settings import ExtractConfig, FewshotJob
+from pipeline.training.fewshot_grid import run_fewshot
 from pipeline.training.finetuning import read_qa_dataset
 from splinter.mrqa import load_mrqa
 from splinter.squad import load_squad

@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.corpus.mining import run_mine
 from pipeline.report.page import write_report
-from pipeline.settings import MineConfig
-from pipeline.training.pretraining import PretrainConfig, run_pretrain
+from pipeline.settings import MineConfig, PretrainConfig
+from pipeline.training.pretraining import run_pretrain
 from splinter.checkpoint import load_pretrained
 from splinter.collate import collate_pretraining
 from splinter.config import SplinterConfig

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.corpus.mining import run_mine
-from pipeline.settings import ConfigError, MineConfig
-from pipeline.training.pretraining import PretrainConfig, plan_pretrain, prepare_output
+from pipeline.settings import ConfigError, MineConfig, PretrainConfig
+from pipeline.training.pretraining import plan_pretrain, prepare_output
 from splinter.config import SplinterConfig
 from tests.conftest import package_file
 from tests.pretrain_data import write_mined_leads

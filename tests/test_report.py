@@ -21,9 +21,9 @@ from pipeline.corpus.mining import run_mine
 from pipeline.report.page import write_report
 from pipeline.report.readers import read_run
 from pipeline.report.sections import fmt
-from pipeline.settings import ExtractConfig, MineConfig
-from pipeline.training.fewshot_grid import FewshotJob, run_fewshot
-from pipeline.training.finetuning import FinetuneJob, run_finetune
+from pipeline.settings import ExtractConfig, FewshotJob, FinetuneJob, MineConfig
+from pipeline.training.fewshot_grid import run_fewshot
+from pipeline.training.finetuning import run_finetune
 from splinter.train import FinetuneConfig
 from tests.conftest import DATA, package_file
 from tests.pretrain_data import write_mined_leads

@@ -7,10 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.settings import ConfigError, build_settings
-from pipeline.training.fewshot_grid import FewshotJob
-from pipeline.training.finetuning import FinetuneJob
-from pipeline.training.pretraining import PretrainConfig
+from pipeline.settings import ConfigError, FewshotJob, FinetuneJob, PretrainConfig, build_settings
 from splinter.train import FinetuneConfig
 
 COMMANDS = ("mine", "extract", "pretrain", "finetune", "fewshot")

@@ -28,14 +28,13 @@ import re
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.progress import LogProgress, NullProgress, Progress
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, FewshotJob
 from pipeline.storage.rundir import META, RunDir
 from pipeline.training.finetuning import read_qa_dataset, sample_examples
 from splinter.train import FinetuneConfig
@@ -61,64 +60,22 @@ _MODEL_FILES = (
 EVAL_SAMPLE_SEED = 0
 
 
-@dataclass
-class FewshotJob:
-    """The (K, seed) grid and what every run shares."""
-
-    train: str
-    dev: str
-    output: str
-    model: str
-    examples: list[int] = field(default_factory=lambda: [16, 128, 1024])
-    seeds: list[int] = field(default_factory=lambda: [42, 43, 44, 45, 46])
-    training: FinetuneConfig = field(default_factory=FinetuneConfig)
-    train_seed: int | None = None  # None: each run trains with its sampling seed
-    eval_examples: int | None = None  # score on a fixed sample of N DEV questions (default: all)
-    max_answer_length: int = 30
-    input_format: str = "auto"
-    dev_format: str = "auto"
-    cpus_per_run: int = 1
-    overwrite: bool = False
-    address: str | None = None
-    num_cpus: int | None = None
-
-    def validate(self) -> None:
-        for name, path in (("TRAIN", self.train), ("DEV", self.dev)):
-            if not os.path.exists(path):
-                raise ConfigError(f"{name} not found: {path}")
-        if not Path(self.model).is_dir() or not (Path(self.model) / "config.json").is_file():
-            raise ConfigError(f"--model {self.model}: not a checkpoint directory (no config.json)")
-        if not self.examples or any(k < 1 for k in self.examples):
-            raise ConfigError(f"--examples needs one or more sizes >= 1, got {self.examples}")
-        if not self.seeds:
-            raise ConfigError("--seeds needs one or more seeds")
-        if len(set(self.examples)) != len(self.examples) or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError("--examples and --seeds must not repeat a value")
-        if self.cpus_per_run < 1 or (self.eval_examples is not None and self.eval_examples < 1):
-            raise ConfigError("--cpus-per-run and --eval-examples must be >= 1")
-        if self.max_answer_length < 1:
-            raise ConfigError(f"--max-answer-length must be >= 1, got {self.max_answer_length}")
-        try:
-            self.training.validate()
-        except ValueError as exc:
-            raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
-
-    def settings(self) -> dict[str, Any]:
-        """What every run shares (not the grid itself): a rerun must match it to reuse finished runs."""
-        training = self.training.to_dict()
-        training.pop("seed")
-        training.pop("device")  # where a run trains does not change what it should learn
-        return {
-            "model": _fingerprint_dir(self.model),
-            "train": _fingerprint_file(self.train),
-            "dev": _fingerprint_file(self.dev),
-            "training": training,
-            "train_seed": self.train_seed,
-            "eval_examples": self.eval_examples,
-            "max_answer_length": self.max_answer_length,
-            "input_format": self.input_format,
-            "dev_format": self.dev_format,
-        }
+def grid_settings(job: FewshotJob) -> dict[str, Any]:
+    """What every run shares (not the grid itself): a rerun must match it to reuse finished runs."""
+    training = job.training.to_dict()
+    training.pop("seed")
+    training.pop("device")  # where a run trains does not change what it should learn
+    return {
+        "model": _fingerprint_dir(job.model),
+        "train": _fingerprint_file(job.train),
+        "dev": _fingerprint_file(job.dev),
+        "training": training,
+        "train_seed": job.train_seed,
+        "eval_examples": job.eval_examples,
+        "max_answer_length": job.max_answer_length,
+        "input_format": job.input_format,
+        "dev_format": job.dev_format,
+    }
 
 
 def _fingerprint_file(path: str) -> dict[str, Any]:
@@ -146,7 +103,7 @@ def fewshot_output(output: str) -> RunDir:
 
 def _begin(rundir: RunDir, job: FewshotJob) -> None:
     """Continue the grid in OUTPUT (same settings; it may have grown), or start it; --overwrite replaces it."""
-    settings = job.settings()
+    settings = grid_settings(job)
 
     def describe(old: dict[str, Any]) -> str:
         before = old.get("settings") or {}

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from pipeline.progress import NullProgress, Progress
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, FinetuneJob
 from pipeline.signals import STOP, JobStopped, stop_at_safe_points
 from pipeline.storage.rundir import RunDir
 from pipeline.training.negatives import add_negatives
@@ -56,7 +56,6 @@ from splinter.train import (
     FinetuneResult,
     TrainingStopped,
     TrainState,
-    resolve_device,
     total_steps,
     train_on_windows,
 )
@@ -227,47 +226,6 @@ def sample_examples(dataset: Any, k: int | None, seed: int, tokenizer: Any, conf
 
 
 # ------------------------------------------------------------------------------------------------ the job
-@dataclass
-class FinetuneJob:
-    """One `splinter finetune` run; `training` holds the library's hyper-parameters (authors' defaults)."""
-
-    train: str
-    output: str
-    model: str
-    examples: int | None = None
-    sample_seed: int = 42
-    input_format: str = "auto"
-    overwrite: bool = False
-    num_threads: int | None = None
-    training: FinetuneConfig = field(default_factory=FinetuneConfig)
-    # Unanswerable pairs per training question (pipeline.training.negatives), labelled [CLS].
-    negatives: int = 0
-    # Steps between checkpoints of the training state (0: none, but a stop by signal still writes one).
-    checkpoint_every: int = 50
-
-    def validate(self) -> None:
-        if not Path(self.model).is_dir() or not (Path(self.model) / "config.json").is_file():
-            raise ConfigError(f"--model {self.model}: not a checkpoint directory (no config.json)")
-        if self.examples is not None and self.examples < 1:
-            raise ConfigError(f"--examples must be >= 1, got {self.examples}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.num_threads}")
-        if self.negatives < 0:
-            raise ConfigError(f"--negatives must be >= 0, got {self.negatives}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"--checkpoint-every must be >= 0 (0: no periodic checkpoints), got {self.checkpoint_every}")
-        if Path(self.output).resolve() == Path(self.model).resolve():
-            raise ConfigError(f"the output {self.output} is the --model directory itself: name a new directory")
-        try:
-            self.training.validate()
-        except ValueError as exc:
-            raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
-        try:
-            resolve_device(self.training.device)
-        except ValueError as exc:
-            raise ConfigError(f"--device: {exc}") from None
-
-
 # ------------------------------------------------------------------------------------ the output directory
 def run_settings(job: FinetuneJob) -> dict[str, Any]:
     """The settings that decide what a run trains: a rerun continues a run only when they are the same."""

@@ -23,14 +23,10 @@ from pipeline.paths import is_uri
 from pipeline.settings import ConfigError
 from pipeline.storage.filesystems import filesystem
 from pipeline.storage.rundir import JOB_FILE, STATS_FILE, SUCCESS_FILE
-from splinter.config import SplinterConfig
+from splinter.config import MODEL_SIZES, SplinterConfig
 
 logger = logging.getLogger(__name__)
 
-MODEL_SIZES = {  # BERT-base and BERT-large shapes, as Splinter-base/-large use
-    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
-    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
-}
 
 
 # ---------------------------------------------------------------------------------------- the mined data

@@ -21,113 +21,34 @@ the same storage path and name) and ends at the requested total steps.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from pipeline.paths import is_uri
 from pipeline.progress import NullProgress, Progress
-from pipeline.settings import ConfigError
+from pipeline.settings import RUN_FIELDS, ConfigError, PretrainConfig
 from pipeline.signals import STOP, JobStopped, stop_at_safe_points
 from pipeline.storage.filesystems import filesystem
 from pipeline.storage.rundir import RunDir, read_json
 from pipeline.training.pretrain_data import (
-    MODEL_SIZES,
     MinedData,
     ModelSource,
     check_fit,
     inspect_mined,
     resolve_model,
 )
-from splinter.pretrain import PRESETS, PretrainHParams
+from splinter.pretrain import PretrainHParams
 
 RUN_NAME = "checkpoints"  # Ray Train's run name: its storage is OUTPUT/checkpoints
-SHUFFLES = ("global", "local")
-# Fields that decide what is trained: a rerun into the same OUTPUT must not change them.
-RUN_FIELDS = (
-    "mined", "model", "from_bert", "model_config", "preset", "batch_size", "learning_rate", "warmup_steps",
-    "max_steps", "grad_accum", "weight_decay", "max_grad_norm", "seed", "shuffle", "shuffle_buffer",
-)  # fmt: skip
-
-
 class PretrainError(RuntimeError):
     """Training failed on the cluster; the message is one line naming the cause."""
-
-
-@dataclass
-class PretrainConfig:
-    """`splinter pretrain MINED OUTPUT`; None fields take the preset's value."""
-
-    mined: str = ""
-    output: str = ""
-    model: str | None = None  # a Splinter checkpoint directory
-    from_bert: str | None = None  # a BERT-family checkpoint directory (fresh QASS head)
-    model_config: str | None = None  # "base", "large" or a config.json: a freshly initialised model
-    preset: str = "laptop"
-    batch_size: int | None = None  # sequences per optimizer step, all workers together
-    learning_rate: float | None = None
-    warmup_steps: int | None = None
-    max_steps: int | None = None
-    grad_accum: int = 1
-    weight_decay: float | None = None
-    max_grad_norm: float | None = None
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None  # default: the cluster's CPUs less one for data, shared out
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    seed: int = 0
-    shuffle: str = "global"
-    shuffle_buffer: int = 10_000  # rows per worker, for --shuffle local
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
-    overwrite: bool = False
-    ray_address: str | None = None
-    num_cpus: int | None = None
-
-    def hparams(self) -> PretrainHParams:
-        base = PRESETS[self.preset]
-        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(PretrainHParams) if hasattr(self, f.name)}
-        return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-
-    def validate(self) -> None:
-        if not self.mined or not self.output:
-            raise ConfigError("give the mined data (a `splinter mine` output) and an output directory")
-        sources = [name for name in ("model", "from_bert", "model_config") if getattr(self, name)]
-        if len(sources) != 1:
-            raise ConfigError("give exactly one of --model DIR, --from-bert DIR or --model-config base|large|FILE")
-        for name in ("model", "from_bert"):
-            path = getattr(self, name)
-            if path and not (Path(path) / "config.json").is_file():
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} {path}: no config.json there; pass a checkpoint directory")
-        if self.model_config and self.model_config not in MODEL_SIZES and not Path(self.model_config).is_file():
-            raise ConfigError(f"--model-config {self.model_config}: neither base, large nor a config.json file")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        if self.shuffle not in SHUFFLES:
-            raise ConfigError(f"--shuffle must be global or local, got {self.shuffle!r}")
-        if self.num_workers < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.shuffle_buffer < 1:
-            raise ConfigError("--num-workers, --checkpoint-every, --keep-checkpoints and --shuffle-buffer must be >= 1")
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            raise ConfigError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
-        if self.max_failures < 0:
-            raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
-        try:
-            self.hparams().micro_batch(self.num_workers)
-        except ValueError as exc:
-            raise ConfigError(f"--batch-size: {exc}") from None
-
-    def run_fields(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in RUN_FIELDS} | {"hparams": dataclasses.asdict(self.hparams())}
 
 
 # ---------------------------------------------------------------------------------------- the output dir
