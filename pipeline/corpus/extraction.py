@@ -16,7 +16,7 @@ from pipeline.corpus.preflight import preflight
 from pipeline.corpus.questions import read_questions
 from pipeline.corpus.schemas import qa_schema
 from pipeline.engine.resources import Resources
-from pipeline.engine.runner import run_config
+from pipeline.engine.runner import cluster_address, run_config
 from pipeline.engine.spec import JobSpec, StageSpec
 from pipeline.paths import is_uri
 from pipeline.progress import Progress
@@ -89,7 +89,7 @@ def cluster_view(cfg: ExtractConfig) -> ClusterView:
             max_gpus = float(ceiling.get("GPU", 0))
     except Exception:  # a private API: never let it stop a job
         max_gpus = None
-    attached = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    attached = cluster_address(cfg.ray_address) is not None
     return ClusterView(cpus=float(res.get("CPU", 1)), gpus=float(res.get("GPU", 0)), node_cpus=node_cpus,
                        max_gpus=max_gpus, fixed=not attached)
 

@@ -425,6 +425,11 @@ def _stall_report(spec: JobSpec, tracker: _Tracker, resources: list[Resources]) 
                    f"({written:,} rows written) and kept")
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster a job attaches to: `address` (--address), else RAY_ADDRESS; None: an embedded Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, worker_output: bool = True) -> None:
     """Attach to the cluster named by `address` or RAY_ADDRESS; otherwise start an embedded local Ray.
 
@@ -439,7 +444,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, worker_out
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we know
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     kwargs: dict[str, Any] = {"log_to_driver": worker_output, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)

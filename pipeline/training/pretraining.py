@@ -121,18 +121,26 @@ def _cpus_per_worker(cfg: PretrainConfig) -> float:
     return share
 
 
+def ray_attached(cfg: PretrainConfig) -> bool:
+    """Does this run attach to a cluster (--address, RAY_ADDRESS) rather than start its own Ray?"""
+    from pipeline.engine.runner import cluster_address
+
+    return cluster_address(cfg.ray_address) is not None
+
+
 def _start_ray(cfg: PretrainConfig) -> None:
     import ray
 
     from pipeline.engine.runner import init_ray
 
-    if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+    attached = ray_attached(cfg)
+    if not attached:
         # On one machine, Ray Train's preemption watcher (spot nodes being drained) and its state
         # actor (dashboard bookkeeping) have nothing to do; each is one more process to start (~3 s
         # apiece on 2 cores). The controller reads these from the driver's environment.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
-    if ray.is_initialized() or cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+    if ray.is_initialized() or attached:
         init_ray(cfg.ray_address, None, worker_output=False)
         return
     # An embedded Ray: one logical CPU more than the machine has, so the workers can take every core
@@ -220,7 +228,7 @@ def _train(cfg: PretrainConfig, rundir: RunDir, state: str, data: MinedData, sou
     from pipeline.training.pretrain_worker import LOG_NAME, WorkerPlan, train_worker
 
     _start_ray(cfg)
-    if cfg.use_gpu and not ray.cluster_resources().get("GPU") and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+    if cfg.use_gpu and not ray.cluster_resources().get("GPU") and not ray_attached(cfg):
         raise ConfigError("--use-gpu: this machine's Ray has no GPU; drop --use-gpu or run on a GPU cluster (--address)")
     cpus = _cpus_per_worker(cfg)
     root = filesystem(cfg.output)[1]
