@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["STOP", "JobStopped", "StopFlag", "install", "job_running", "stop_at_safe_points"]
+__all__ = ["STOP", "JobStopped", "StopFlag", "install", "job_running", "reinstall", "stop_at_safe_points"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -83,18 +83,39 @@ def _handle(signum: int, frame: FrameType | None) -> None:
     if first:
         STOP.signum = signum
     if not STOP.running:
-        # No job to stop: the work is done (or not begun) and the process is on its way out; raising here
-        # would only break Ray's shutdown halfway and leave its processes behind.
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # no job to stop: Ctrl-C does what it always does
+        # SIGTERM with no job to stop: the work is done (or not begun) and the process is on its way out;
+        # raising here would only break Ray's shutdown halfway and leave its processes behind.
         return
     if first and STOP.safe_points:
         return  # the job stops at its next safe point
     raise JobStopped(signum)
 
 
+_installed = False
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM with `_handle` (main thread only: elsewhere Python cannot). Outside
-    `job_running()` a signal is only noted, and the job that starts next stops at once."""
+    `job_running()` a signal is only noted, and the job that starts next stops at once.
+
+    The `splinter` command installs them; a program using the jobs as a library keeps its own handlers
+    (Ctrl-C is then Python's KeyboardInterrupt, which the jobs handle as well)."""
+    global _installed
     if threading.current_thread() is not threading.main_thread():
+        return
+    STOP.reset()
+    for signum in SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signum, _handle)
+    _installed = True
+
+
+def reinstall() -> None:
+    """Put our handlers back where something else replaced them (Ray's core worker does, on connect),
+    if `install()` put them there in the first place."""
+    if not _installed or threading.current_thread() is not threading.main_thread():
         return
     for signum in SIGNALS:
         with contextlib.suppress(ValueError, OSError):

@@ -56,7 +56,7 @@ from pipeline.engine.stats import merge_stats
 from pipeline.engine.watchdog import StallError, Watchdog
 from pipeline.progress import NullProgress, Progress
 from pipeline.signals import STOP, JobStopped
-from pipeline.signals import install as install_signal_handlers
+from pipeline.signals import reinstall as reinstall_signal_handlers
 from pipeline.storage.filesystems import export_filesystems
 from pipeline.storage.rundir import RunDir
 from pipeline.storage.sources import ReadOptions, Shard, list_inputs, plan_shards, read_shard
@@ -456,7 +456,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, worker_out
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=_local_object_store_bytes(), **kwargs)
     # Connecting put Ray's own SIGTERM handler (a native stack dump, exit 15) in place of ours.
-    install_signal_handlers()
+    reinstall_signal_handlers()
 
 
 def _local_object_store_bytes() -> int:
