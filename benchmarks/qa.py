@@ -16,8 +16,11 @@ Figures (questions per second, higher is better):
 - start-up vs steady state of the job (see benchmarks/commits.py): `ray_start_s`, the embedded Ray's
   start (once per process, not part of any job); `first_answer_s`, from the job's call to its first
   committed shard on a warm cluster (`first_answer_cold_s`: the first job on a fresh cluster, whose
-  workers still import torch); `job_steady_qps`, questions committed after the first shard / time from
-  the first to the last commit.
+  workers still import torch); `job_steady_qps`, questions through the model after its first batch /
+  time to its last batch (the actors' own counts, polled each second); `job_steady_commit_qps`, the
+  same from shard commits (rows of shards committed after the first / time from the first to the last
+  commit: it overstates the rate when there are few shards, part of whose rows were done before the
+  first answer). Neither exists for a job of one model batch: --quick uses batches of 64 rows.
 - one model core: the job with `cpus_per_actor=1, num_actors=1` (one torch thread; the other core is
   left to tokenizing, writing and Ray) against the raw forward at `torch.set_num_threads(1)` on the
   same windows: `job_1cpu_steady_vs_raw_forward_1thread` (goal >= 0.90 at 3,000 questions).
@@ -176,6 +179,7 @@ class _Timeline:
         self.first_rows: float | None = None
         self.last_rows: float | None = None
         self.rows = 0
+        self.rows_at_first = 0  # rows through the model when the first batch was reported
 
     def start(self, description: str, total: int | None, unit: str) -> None:
         pass
@@ -183,8 +187,16 @@ class _Timeline:
     def update(self, done: int, *, rows: int | None = None, info: str = "") -> None:
         if rows and rows > self.rows:
             now = time.perf_counter() - self.t0
-            self.first_rows = self.first_rows if self.first_rows is not None else now
+            if self.first_rows is None:
+                self.first_rows, self.rows_at_first = now, rows
             self.last_rows, self.rows = now, rows
+
+    def steady_rows_per_s(self) -> float | None:
+        """Rows through the model after its first reported batch / time to its last (exact row counts,
+        unlike shard commits, whose shards may have been half done before the first answer)."""
+        if self.first_rows is None or self.last_rows is None or self.last_rows <= self.first_rows:
+            return None
+        return (self.rows - self.rows_at_first) / (self.last_rows - self.first_rows)
 
     def log(self, message: str) -> None:
         pass
@@ -240,7 +252,9 @@ def run_ours_job(
     stats["first_model_rows_s"] = timeline.first_rows
     commits = read_commits(work / "answers")
     stats["first_answer_s"] = round(commits.first - started, 2) if commits.first else None
-    stats["steady_qps"] = round(commits.steady_rows_per_s, 2) if commits.steady_rows_per_s else None
+    stats["steady_commit_qps"] = round(commits.steady_rows_per_s, 2) if commits.steady_rows_per_s else None
+    steady = timeline.steady_rows_per_s()
+    stats["steady_qps"] = round(steady, 2) if steady else None
     stats["shards_committed"] = commits.shards
     files = sorted((work / "answers").rglob("*.parquet"))
     table = pq.read_table(files[0], columns=["id", "answer"]) if len(files) == 1 else None
@@ -286,6 +300,7 @@ def run_one_core(args: Any, result: dict[str, Any], ckpt: Path, rows: list[dict[
     result["raw_forward_1thread_qps"] = round(n / t_raw1, 2)
     result["job_1cpu_qps"] = round(n / t_job1, 2)
     result["job_1cpu_steady_qps"] = stats1.get("steady_qps")
+    result["job_1cpu_steady_commit_qps"] = stats1.get("steady_commit_qps")
     result["job_1cpu_first_answer_s"] = stats1.get("first_answer_s")
     if stats1.get("steady_qps"):
         result["job_1cpu_steady_vs_raw_forward_1thread"] = round(stats1["steady_qps"] / (n / t_raw1), 3)
@@ -417,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["first_answer_cold_s"] = COLD.get("first_answer_cold_s")
                 result["job_shards"] = stats.get("shards_committed")
                 result["job_steady_qps"] = stats.get("steady_qps")
+                result["job_steady_commit_qps"] = stats.get("steady_commit_qps")
                 if stats.get("steady_qps"):
                     best_raw = max(n / t_raw, n / t_raw2)
                     result["job_steady_vs_raw_forward"] = round(stats["steady_qps"] / best_raw, 3)
