@@ -13,8 +13,19 @@ Figures (questions per second, higher is better):
   with the fp32 job's (top-1 agreement) and both are scored against SQuAD's gold answers (F1 delta).
   By default the QASS head is untrained (seeded), so the agreement is measured on near-random span scores;
   pass `--model DIR` (a `splinter finetune` output) to measure it on a fine-tuned model.
+- start-up vs steady state of the job (see benchmarks/commits.py): `ray_start_s`, the embedded Ray's
+  start (once per process, not part of any job); `first_answer_s`, from the job's call to its first
+  committed shard on a warm cluster (`first_answer_cold_s`: the first job on a fresh cluster, whose
+  workers still import torch); `job_steady_qps`, questions through the model after its first batch /
+  time to its last batch (the actors' own counts, polled each second); `job_steady_commit_qps`, the
+  same from shard commits (rows of shards committed after the first / time from the first to the last
+  commit: it overstates the rate when there are few shards, part of whose rows were done before the
+  first answer). Neither exists for a job of one model batch: --quick uses batches of 64 rows.
+- one model core: the job with `cpus_per_actor=1, num_actors=1` (one torch thread; the other core is
+  left to tokenizing, writing and Ray) against the raw forward at `torch.set_num_threads(1)` on the
+  same windows: `job_1cpu_steady_vs_raw_forward_1thread` (goal >= 0.90 at 3,000 questions).
 Ratios: speedup_job_vs_hf = ours_job / best hf_pipeline (goal >= 1.5 fp32, >= 2.5 int8 on CPU);
-job_vs_raw_forward = ours_job / raw_forward (goal >= 0.90).
+job_vs_raw_forward = ours_job / raw_forward (goal >= 0.90; >= 0.80 on two cores); first_answer_s < 5.
 
     .venv/bin/python benchmarks/qa.py --quick      # 256 questions, < 3 min on 2 quiet cores
     .venv/bin/python benchmarks/qa.py              # 2,000 questions
@@ -43,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.commits import read_commits  # noqa: E402
 from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize  # noqa: E402
 from splinter.bert import load_from_bert  # noqa: E402
 from splinter.checkpoint import load_pretrained, save_pretrained  # noqa: E402
@@ -167,6 +179,7 @@ class _Timeline:
         self.first_rows: float | None = None
         self.last_rows: float | None = None
         self.rows = 0
+        self.rows_at_first = 0  # rows through the model when the first batch was reported
 
     def start(self, description: str, total: int | None, unit: str) -> None:
         pass
@@ -174,8 +187,16 @@ class _Timeline:
     def update(self, done: int, *, rows: int | None = None, info: str = "") -> None:
         if rows and rows > self.rows:
             now = time.perf_counter() - self.t0
-            self.first_rows = self.first_rows if self.first_rows is not None else now
+            if self.first_rows is None:
+                self.first_rows, self.rows_at_first = now, rows
             self.last_rows, self.rows = now, rows
+
+    def steady_rows_per_s(self) -> float | None:
+        """Rows through the model after its first reported batch / time to its last (exact row counts,
+        unlike shard commits, whose shards may have been half done before the first answer)."""
+        if self.first_rows is None or self.last_rows is None or self.last_rows <= self.first_rows:
+            return None
+        return (self.rows - self.rows_at_first) / (self.last_rows - self.first_rows)
 
     def log(self, message: str) -> None:
         pass
@@ -186,8 +207,9 @@ class _Timeline:
 
 def run_ours_job(
     ckpt: Path, rows: list[dict[str, Any]], threads: int, work: Path, quantize: str | None = None,
-    device: str = "cpu",
+    device: str = "cpu", **overrides: Any,
 ) -> tuple[float, dict, dict]:
+    """The Ray job end to end; stats gain `first_answer_s` and `steady_qps` (see benchmarks/commits.py)."""
     import pyarrow.parquet as pq
 
     from pipeline.corpus.extraction import run_extract
@@ -211,18 +233,29 @@ def run_ours_job(
         max_answer_length=MAX_ANSWER,
         quantize=quantize,
         device=device,
+        **{**JOB_OVERRIDES, **overrides},
     )
-    init_ray(None, threads)  # cluster start-up is a one-off, not part of a job: untimed
+    init_ray(None, threads)  # cluster start-up is a one-off, not part of a job: untimed (see ray_start_s)
     if not (work / "warm").exists():
         # Also a one-off: the first job on a fresh cluster pays for worker processes importing torch.
         warm = work / "warm.jsonl"
         warm.write_text("".join(src.read_text(encoding="utf-8").splitlines(True)[:8]), encoding="utf-8")
+        started = time.time()
         run_extract(dataclasses.replace(cfg, input=[str(warm)], output=str(work / "warm")))
+        first = read_commits(work / "warm").first
+        COLD["first_answer_cold_s"] = round(first - started, 2) if first else None
     timeline = _Timeline()
+    started = time.time()  # wall clock, as the commit markers' modification times
     t0 = time.perf_counter()
     stats = run_extract(cfg, progress=timeline)
     seconds = time.perf_counter() - t0
     stats["first_model_rows_s"] = timeline.first_rows
+    commits = read_commits(work / "answers")
+    stats["first_answer_s"] = round(commits.first - started, 2) if commits.first else None
+    stats["steady_commit_qps"] = round(commits.steady_rows_per_s, 2) if commits.steady_rows_per_s else None
+    steady = timeline.steady_rows_per_s()
+    stats["steady_qps"] = round(steady, 2) if steady else None
+    stats["shards_committed"] = commits.shards
     files = sorted((work / "answers").rglob("*.parquet"))
     table = pq.read_table(files[0], columns=["id", "answer"]) if len(files) == 1 else None
     if table is None:
@@ -231,6 +264,12 @@ def run_ours_job(
         table = pa.concat_tables(pq.read_table(f, columns=["id", "answer"]) for f in files)
     answers = dict(zip(table["id"].to_pylist(), table["answer"].to_pylist(), strict=True))
     return seconds, stats, answers
+
+
+# What the first job on a fresh cluster showed (set once per process by run_ours_job).
+COLD: dict[str, Any] = {}
+# ExtractConfig settings every Ray job of this run gets (--job-batch-size).
+JOB_OVERRIDES: dict[str, Any] = {}
 
 
 def run_int8(args: Any, result: dict[str, Any], ckpt: Path, rows: list[dict[str, Any]], threads: int,
@@ -249,6 +288,26 @@ def run_int8(args: Any, result: dict[str, Any], ckpt: Path, rows: list[dict[str,
     result["int8_model"] = result["model"]
     print(f"ours (Ray job, int8):   {n / t_q:8.1f} q/s  ({t_q:.1f} s; top-1 equal to fp32 on "
           f"{same / n:.1%}, F1 {f1_int8 - f1_fp32:+.2f})", flush=True)
+
+
+def run_one_core(args: Any, result: dict[str, Any], ckpt: Path, rows: list[dict[str, Any]], work: Path) -> None:
+    """The job with one model actor on one CPU (one torch thread) vs the raw forward at one thread."""
+    n = len(rows)
+    t_raw1, _ = best_of(args.repeats, run_raw_forward, ckpt, rows, 1, args.micro_batch_tokens)
+    t_job1, stats1, _ = best_of(args.repeats, run_ours_job, ckpt, rows, args.threads, work,
+                                cpus_per_actor=1.0, num_actors=1)
+    torch.set_num_threads(args.threads)  # run_raw_forward set one thread for this process
+    result["raw_forward_1thread_qps"] = round(n / t_raw1, 2)
+    result["job_1cpu_qps"] = round(n / t_job1, 2)
+    result["job_1cpu_steady_qps"] = stats1.get("steady_qps")
+    result["job_1cpu_steady_commit_qps"] = stats1.get("steady_commit_qps")
+    result["job_1cpu_first_answer_s"] = stats1.get("first_answer_s")
+    if stats1.get("steady_qps"):
+        result["job_1cpu_steady_vs_raw_forward_1thread"] = round(stats1["steady_qps"] / (n / t_raw1), 3)
+    result["job_1cpu_vs_raw_forward_1thread"] = round(t_raw1 / t_job1, 3)
+    print(f"raw forward, 1 thread:  {n / t_raw1:8.1f} q/s  ({t_raw1:.1f} s)", flush=True)
+    print(f"ours (Ray job, 1 CPU):  {n / t_job1:8.1f} q/s  ({t_job1:.1f} s; {stats1.get('steady_qps')} q/s "
+          f"after the first answer at {stats1.get('first_answer_s')} s)", flush=True)
 
 
 def best_of(repeats: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -274,6 +333,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray jobs")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 Ray job")
     parser.add_argument(
+        "--job-batch-size", type=int, default=None,
+        help="rows per model batch in the Ray jobs (default: the job's 256; quick 64, so that 256 questions "
+        "make several model batches and the steady-state figures exist)",
+    )
+    parser.add_argument("--no-1cpu", action="store_true",
+                        help="skip the one-CPU job vs the one-thread raw forward")
+    parser.add_argument(
         "--model", default=None,
         help="a Splinter QA checkpoint directory (e.g. from `splinter finetune`); default: from-bert MiniLM "
         "with a seeded, untrained QASS head",
@@ -282,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.questions or (256 if args.quick else 2000)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,16,64")).split(",")]
     threads = args.threads
+    job_batch = args.job_batch_size or (64 if args.quick else None)
+    JOB_OVERRIDES.update({"batch_size": job_batch} if job_batch else {})
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -298,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "repeats": args.repeats,
         "micro_batch_tokens": args.micro_batch_tokens,
+        "job_batch_size": job_batch or 256,
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -335,6 +404,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["squad_dev_f1"] = round(evaluate(preds, gold)["f1"], 2)
 
         if not args.no_ray:
+            from pipeline.engine.runner import init_ray
+
+            start = time.perf_counter()
+            init_ray(None, threads)
+            result["ray_start_s"] = round(time.perf_counter() - start, 2)
             try:
                 t_job, stats, job_answers = best_of(args.repeats, run_ours_job, ckpt, rows, threads, work)
             except Exception as exc:  # report, don't lose the other figures
@@ -354,8 +428,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["job_first_model_rows_s"] = stats.get("first_model_rows_s")
                 result["job_models"] = stats.get("models")
                 result["job_model_ready_s"] = stats.get("model_ready_s")  # start-up: actor built
+                result["first_answer_s"] = stats.get("first_answer_s")
+                result["first_answer_cold_s"] = COLD.get("first_answer_cold_s")
+                result["job_shards"] = stats.get("shards_committed")
+                result["job_steady_qps"] = stats.get("steady_qps")
+                result["job_steady_commit_qps"] = stats.get("steady_commit_qps")
+                if stats.get("steady_qps"):
+                    best_raw = max(n / t_raw, n / t_raw2)
+                    result["job_steady_vs_raw_forward"] = round(stats["steady_qps"] / best_raw, 3)
                 print(f"ours (Ray job):         {n / t_job:8.1f} q/s  ({t_job:.1f} s; first model rows after "
-                      f"{stats.get('first_model_rows_s') or 0:.1f} s)", flush=True)
+                      f"{stats.get('first_model_rows_s') or 0:.1f} s, first answer after "
+                      f"{stats.get('first_answer_s')} s, {stats.get('steady_qps')} q/s after it over "
+                      f"{stats.get('shards_committed')} shards; Ray start {result['ray_start_s']} s)", flush=True)
+                if not args.no_1cpu:
+                    run_one_core(args, result, ckpt, rows, work)
                 if not args.no_int8:
                     run_int8(args, result, ckpt, rows, threads, work, job_answers, gold, hf[best_bs])
 

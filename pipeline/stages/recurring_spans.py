@@ -59,6 +59,8 @@ SKIP_REASONS = ("empty", "not_text", "too_short", "no_recurring_spans")
 # feed excepted), DEL, and U+FFFD (what a decoder leaves for invalid UTF-8).
 _JUNK = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
 _JUNK_FRACTION = 0.05
+# Characters of lines per tokenizer call: a usual batch of documents is one call, a huge document many.
+_ENCODE_CHARS = 1 << 20
 _INT32 = np.int32
 
 
@@ -161,6 +163,8 @@ class RecurringSpanMiner:
         self.pad_id = int(tok.pad_token_id)
         self.question_id = int(tok.question_token_id)
         self.tables = VocabTables.from_vocab(tok.get_vocab())
+        # One int object per token id (ids beyond the vocabulary cannot come out of the backend).
+        self._ints = list(range(max(self.backend.get_vocab_size(), max(tok.get_vocab().values(), default=0) + 1)))
         # encode_batch_fast skips offset bookkeeping we do not need (tokenizers >= 0.21).
         self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
 
@@ -195,8 +199,23 @@ class RecurringSpanMiner:
         for text in texts:
             lines.extend(line for line in (raw.strip() for raw in text.splitlines()) if line)
             bounds.append(len(lines))
-        encodings = self._encode(lines, add_special_tokens=False) if lines else []
-        ids = [e.ids for e in encodings]
+        # A tokenizers Encoding keeps ~100 bytes per token (ids, tokens, offsets, masks): a batch's
+        # Encodings all at once cost ~30x its text (a 50 MB document: GBs). Lines are encoded a bounded
+        # slice at a time and only their ids are kept, as the shared int objects of `self._ints`
+        # (8 bytes per token instead of a fresh 28-byte int each). Each line is encoded on its own
+        # either way, so the ids are the same.
+        ids: list[list[int]] = []
+        ints = self._ints.__getitem__
+        start = 0
+        while start < len(lines):
+            stop, chars = start, 0
+            while stop < len(lines) and (stop == start or chars < _ENCODE_CHARS):
+                chars += len(lines[stop])
+                stop += 1
+            for e in self._encode(lines[start:stop], add_special_tokens=False):
+                ids.append(list(map(ints, e.ids)))
+            start = stop
+        del lines
         return [[seg for seg in ids[bounds[i] : bounds[i + 1]] if seg] for i in range(len(texts))]
 
     def _tokenize_guarded(self, texts: list[str]) -> list[list[list[int]] | None]:
@@ -333,12 +352,13 @@ class RecurringSpanMiner:
             self.tables,
             self.max_span_length,
         )
+        del doc_pieces  # the token lists live on in `unique`; a huge document should not hold both
         sequences = [unique[u] for u in seq_uniq]
         seq_len = [len(seq) for seq in sequences]
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(seq_len, out=offsets[1:])
-        flat_list = [t for seq in sequences for t in seq]
-        flat = np.array(flat_list, dtype=np.int64)
+        flat = np.fromiter((t for seq in sequences for t in seq), dtype=np.int64, count=int(offsets[-1]))
+        del sequences, unique
 
         # Masking, sequentially per (document, pass, piece) with its own generator.
         q_seq: list[int] = []
@@ -370,7 +390,6 @@ class RecurringSpanMiner:
             seq_doc=seq_doc,
             seq_dupe=seq_dupe,
             flat=flat,
-            flat_list=flat_list,
             offsets=offsets,
             questions=(q_seq, q_pos, q_len, q_start, q_end),
         )
@@ -384,7 +403,6 @@ class RecurringSpanMiner:
         seq_doc: list[int],
         seq_dupe: list[int],
         flat: np.ndarray,
-        flat_list: list[int],
         offsets: np.ndarray,
         questions: tuple[list[int], ...],
     ) -> dict[str, np.ndarray]:
@@ -397,17 +415,19 @@ class RecurringSpanMiner:
         inner = _ragged_arange(q_global + 1, q_len - 1)
         keep = np.ones(len(flat), dtype=bool)
         keep[inner] = False
-        ids = flat.copy()
-        ids[q_global] = self.question_id
         new_index = np.cumsum(keep) - 1  # position after deleting the inner tokens
         if self.layout == "collapsed":
-            out_ids = ids[keep].astype(_INT32)
+            # Every [QUESTION] position is kept, so it is set after the cut: no full-size int64 copy.
+            out_ids = flat[keep].astype(_INT32)
+            out_ids[new_index[q_global]] = self.question_id
             out_start = new_index[seq_start]
             out_offsets = np.append(out_start, len(out_ids))
             local = new_index - np.repeat(out_start, np.diff(offsets))
             attention = np.ones(len(out_ids), dtype=_INT32)
             position_ids = None
         else:
+            ids = flat.copy()
+            ids[q_global] = self.question_id
             ids[inner] = self.pad_id
             out_ids = ids.astype(_INT32)
             out_offsets = offsets
@@ -422,7 +442,7 @@ class RecurringSpanMiner:
         types = np.zeros(len(out_ids), dtype=_INT32)
         q_bounds = np.searchsorted(q_seq, np.arange(num_seqs + 1)).tolist()
         spans = [
-            self.tables.detokenize(flat_list[p : p + n])
+            self.tables.detokenize(flat[p : p + n].tolist())
             for p, n in zip(q_global.tolist(), q_len.tolist(), strict=True)
         ]
 

@@ -208,8 +208,10 @@ def find_span_clusters(
 
 
 # Sequences of one pass hold at most this many tokens in total (fewer for a vocabulary above
-# 2^15 ids; a longer single sequence still runs alone). Also bounds a pass's memory.
-_MAX_PASS_TOKENS = 1 << 22
+# 2^15 ids; a longer single sequence still runs alone). Also bounds a pass's memory: a pass holds
+# ~60 bytes per token in its sorts and levels, so one huge document costs ~60 MB here, not 60x its
+# tokens. A usual batch (256 documents, at most 512 tokens each) is one pass either way.
+_MAX_PASS_TOKENS = 1 << 20
 
 
 def _levels(
