@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -344,8 +345,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     stalled: list[str] = []
     watchdog = None
     if stall_timeout_s:
-        watchdog = Watchdog(stall_timeout_s, lambda: _stall_report(spec, tracker, resources),
-                            lambda message: (stalled.append(message), _thread.interrupt_main()))
+        watchdog = stall_watchdog(stall_timeout_s, lambda: _stall_report(spec, tracker, resources), stalled)
     moved: list[Any] = [None]
 
     def beat() -> None:
@@ -405,6 +405,30 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             watchdog.stop()
         ray.kill(monitor)
     return {i: tracker.stats[i] for i in tracker.done}, extra
+
+
+def stall_watchdog(timeout_s: float, describe: Callable[[], tuple[str, str]], stalled: list[str]) -> Watchdog:
+    """The driver's watchdog: on a stall, note the line in `stalled` and interrupt the main thread (which
+    `run_ray` turns into StallError); if that does not stop the job within the grace period, exit 1."""
+    def interrupt(message: str) -> None:
+        stalled.append(message)
+        _thread.interrupt_main()
+
+    return Watchdog(timeout_s, describe, interrupt, on_hang=_exit_hung)
+
+
+def _exit_hung(message: str) -> None:
+    """The watchdog's last resort, from its own thread: the main thread was asked to stop and is still
+    blocked (inside Ray's native code, where no Python signal handler runs). Say the stall line the CLI
+    would have said and end the process with exit 1: a job must never hang. Nothing here may touch Ray
+    (`ray.shutdown()` would wait on the same stuck core worker); the cluster frees the job's actors and
+    tasks when the driver's connection drops, and committed shards are complete on disk already."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"error: the job {message}\n")
+        sys.stderr.flush()
+    os._exit(1)
 
 
 def _stall_report(spec: JobSpec, tracker: _Tracker, resources: list[Resources]) -> tuple[str, str]:
