@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from cluster_fixture import (
     MARKER,
@@ -26,6 +27,15 @@ from cluster_fixture import (
 class WorkerNode:
     proc: subprocess.Popen
     marker: str
+
+    def runs(self, name: str) -> bool:
+        """Whether a process of this node has `name` in its command line (Ray titles a worker process
+        `ray::ClassName.method`): which node holds a Ray Train worker, say."""
+        for pid in _pids_with_marker(self.marker):
+            with contextlib.suppress(OSError):
+                if name.encode() in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+                    return True
+        return False
 
     def kill(self) -> int:
         """SIGKILL the node: its raylet, its object store and every worker process on it. -> count."""

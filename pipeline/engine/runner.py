@@ -122,6 +122,15 @@ class _Tracker:
                 self.progress.update(self.already_done + len(self.done), rows=self.model_rows,
                                      info=f"{written:,} rows written")
 
+    def settle(self) -> None:
+        """The job finished: its final line says the rows written went through the model, once each. The
+        actors' own counts are a live estimate only: a batch retried after a node loss is counted twice,
+        a count sent from a node as it died is lost, and neither belongs in the final figures."""
+        with self.lock:
+            if self.model_rows is not None:
+                self.model_rows = int(self.rows_seen)
+        self.report()
+
     def finish(self) -> None:
         """Shards no receipt ever named must be empty; anything else means rows were lost."""
         for idx in sorted(set(self.shards) - self.done):
@@ -392,6 +401,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
         if has_actors:
             rows, labels[:] = ray.get(monitor.counts.remote())
             tracker.report(rows)
+            tracker.settle()
             ready = ray.get(monitor.ready_at.remote())
             extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None}
     except (KeyboardInterrupt, JobStopped):
