@@ -380,6 +380,12 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     ticker.start()
     if watchdog is not None:
         watchdog.start()
+    # A stop (signal or stall) raised while the driver waits inside Ray Data passes through its error
+    # wrapper, which logs it as "an exception in Ray Data internal code" with a page of stack: the job's
+    # own one line says all there is to say.
+    quiet_stop = _DropWhileStopping(stalled)
+    ray_data_errors = logging.getLogger("ray.data.exceptions")
+    ray_data_errors.addFilter(quiet_stop)
     try:
         # prefetch_batches=0: with Ray's default of 1, iter_batches holds every block back until the
         # next one exists, so each receipt (and the commit it completes) reached the driver one block
@@ -413,8 +419,20 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
         stop.set()
         if watchdog is not None:
             watchdog.stop()
+        ray_data_errors.removeFilter(quiet_stop)
         ray.kill(monitor)
     return {i: tracker.stats[i] for i in tracker.done}, extra
+
+
+class _DropWhileStopping(logging.Filter):
+    """Drops log records once the job is being stopped (a signal arrived, or the watchdog fired)."""
+
+    def __init__(self, stalled: list[str]) -> None:
+        super().__init__()
+        self.stalled = stalled
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.stalled or STOP.requested())
 
 
 def stall_watchdog(timeout_s: float, describe: Callable[[], tuple[str, str]], stalled: list[str]) -> Watchdog:
