@@ -305,7 +305,12 @@ def run_pretrain(cfg: PretrainConfig, progress: Progress | None = None) -> dict[
     cpus = _cpus_per_worker(cfg)
     root = filesystem(cfg.output)[1]
     storage = cfg.output if "://" in cfg.output else root  # Ray Train wants a URI or an absolute path
-    sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
+    # The driver polls the sink every half second: it lives on the driver's node, so losing a worker node
+    # (which Ray Train survives by restarting the group) cannot take the driver's progress with it.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    sink = ray.remote(num_cpus=0, scheduling_strategy=here)(_ProgressSink).remote()
     loop_config = {
         "hparams": dataclasses.asdict(hp),
         "source": source.plain(),
