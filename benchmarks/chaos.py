@@ -10,6 +10,7 @@ seeded), kills every process of that node with SIGKILL, and classifies the round
                         same command with --resume finished identical
     failed              anything else (a crash, several error lines, output that differs)
     hang                the job (or its --resume) did not end within the hard bound
+A round whose worker node fails to join three times (an overloaded machine) is counted `not_run`.
 
 `pretrain` (--jobs pretrain; slow) joins two worker nodes, kills the one holding the Ray Train workers after
 a random checkpoint, and counts a round identical when the run reaches --max-steps with every step after the
@@ -241,11 +242,24 @@ def main() -> None:
                 for i in range(rounds):
                     out = work / f"{name}-{i}"
                     started = time.monotonic()
-                    if name == "pretrain":
-                        outcome, note = _pretrain_round(cluster, work, out, rng, args.bound)
-                    else:
-                        outcome, note = _round(cluster, jobs[name], reference, out, rng, args.stall_timeout,
-                                               args.bound)
+                    outcome = ""
+                    for attempt in range(3):
+                        shutil.rmtree(out, ignore_errors=True)
+                        try:
+                            if name == "pretrain":
+                                outcome, note = _pretrain_round(cluster, work, out, rng, args.bound)
+                            else:
+                                outcome, note = _round(cluster, jobs[name], reference, out, rng,
+                                                       args.stall_timeout, args.bound)
+                            break
+                        except (RuntimeError, TimeoutError) as exc:
+                            # A worker node that never joined (an overloaded machine: "the current node
+                            # timed out during startup") is the soak's own failure, not the job's: again.
+                            note = f"worker node did not start ({attempt + 1}x): {str(exc).splitlines()[0][:80]}"
+                    if not outcome:
+                        counts[name]["not_run"] = counts[name].get("not_run", 0) + 1
+                        print(f"{name:<9}{i + 1:>3}  {'not run':<18}{'':>7}  {note}", flush=True)
+                        continue
                     counts[name][outcome] += 1
                     print(f"{name:<9}{i + 1:>3}  {outcome:<18}{time.monotonic() - started:>6.0f}s  {note}",
                           flush=True)
