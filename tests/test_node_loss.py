@@ -146,10 +146,10 @@ def test_pretrain_survives_losing_the_node_of_its_workers(cluster: LocalCluster,
     with worker_node(cluster, num_cpus=2) as first, worker_node(cluster, num_cpus=2) as second:
         proc = subprocess.Popen([str(VENV_BIN / "splinter"), *args], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # Ray Train's start-up: minutes on two busy cores
         while _registered_step(out) < PRETRAIN_EVERY:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 3 minutes"
+            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
             time.sleep(0.1)
         (holder,) = [n for n in (first, second) if n.runs("RayTrainWorker")]
         assert holder.kill() > 0
