@@ -96,6 +96,7 @@ def test_mine_survives_losing_the_worker_node(cluster: LocalCluster, tmp_path: P
 # The extract job on this cluster: two model actors of half a CPU each, one per node. Losing the worker node
 # can leave both actors on the head's one CPU with nothing left for reading (the job stops on its stall
 # timeout) or finish there; either way --resume plans for the cluster that is left and finishes it.
+@pytest.mark.slow
 def test_extract_survives_losing_the_worker_node(cluster: LocalCluster, tmp_path: Path, tiny_qa_model: Path) -> None:
     common = ["--model", str(tiny_qa_model), "--shard-rows", "20", "--batch-size", "8", "--num-actors", "2", "-q"]
     clean, out = tmp_path / "clean", tmp_path / "out"
