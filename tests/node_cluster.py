@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from cluster_fixture import (
     MARKER,
@@ -26,6 +27,16 @@ from cluster_fixture import (
 class WorkerNode:
     proc: subprocess.Popen
     marker: str
+    log: Path
+
+    def runs(self, name: str) -> bool:
+        """Whether a process of this node has `name` in its command line (Ray titles a worker process
+        `ray::ClassName.method`): which node holds a Ray Train worker, say."""
+        for pid in _pids_with_marker(self.marker):
+            with contextlib.suppress(OSError):
+                if name.encode() in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+                    return True
+        return False
 
     def kill(self) -> int:
         """SIGKILL the node: its raylet, its object store and every worker process on it. -> count."""
@@ -37,8 +48,30 @@ class WorkerNode:
 
 
 @contextlib.contextmanager
-def worker_node(cluster: LocalCluster, num_cpus: int = 1, start_timeout_s: float = 60.0) -> Iterator[WorkerNode]:
-    """Join a worker node to `cluster`; wait until the cluster sees it; always tear it down."""
+def worker_node(cluster: LocalCluster, num_cpus: int = 1, start_timeout_s: float = 60.0,
+                attempts: int = 3) -> Iterator[WorkerNode]:
+    """Join a worker node to `cluster`; wait until the cluster sees it; always tear it down. A `ray start`
+    that gives up on a busy machine ("the current node timed out during startup": the GCS answered too
+    late) is tried again, up to `attempts` times."""
+    for attempt in range(attempts):
+        node = _start_worker(cluster, num_cpus)
+        try:
+            # `ray start` says so only once the node registered with the head's GCS.
+            wait_until_up(node.proc, node.log, lambda n=node: b"Ray runtime started" in n.log.read_bytes(),
+                          start_timeout_s, "worker node")
+        except (RuntimeError, TimeoutError):
+            _stop_worker(node)
+            if attempt + 1 == attempts:
+                raise
+            continue
+        try:
+            yield node
+        finally:
+            _stop_worker(node)
+        return
+
+
+def _start_worker(cluster: LocalCluster, num_cpus: int) -> WorkerNode:
     marker = uuid.uuid4().hex
     env = {**cluster.env, MARKER: marker}
     args = [
@@ -58,12 +91,10 @@ def worker_node(cluster: LocalCluster, num_cpus: int = 1, start_timeout_s: float
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent)
-    node = WorkerNode(proc, marker)
-    try:
-        # `ray start` says so only once the node registered with the head's GCS.
-        wait_until_up(proc, log, lambda: b"Ray runtime started" in log.read_bytes(), start_timeout_s, "worker node")
-        yield node
-    finally:
-        node.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+    return WorkerNode(proc, marker, log)
+
+
+def _stop_worker(node: WorkerNode) -> None:
+    node.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.proc.wait(timeout=10)

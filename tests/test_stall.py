@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
+from conftest import ROOT
 from runner_stages import StallWhile, Upper, WordRows
 from test_runner import SCHEMA, _corpus, _read, _shards
 
 from pipeline.engine.runner import run
 from pipeline.engine.spec import JobSpec, StageSpec
-from pipeline.engine.watchdog import StallError, Watchdog
+from pipeline.engine.watchdog import StallError, Watchdog, grace_for
 from pipeline.storage.rundir import is_complete
 from pipeline.storage.sources import ReadOptions
 
@@ -62,3 +66,47 @@ def test_stalled_ray_job_stops_in_one_line_and_resume_finishes_it(tmp_path, ray_
     run(_spec(str(flag)), shards, str(out), engine="ray", resume=True, stall_timeout_s=60)
     assert is_complete(str(out))
     assert _read(out).equals(_read(clean))
+
+
+# A driver whose main thread is stuck where no Python signal handler runs: `interrupt_main` only sets a
+# flag the interpreter checks between bytecodes, and a lock acquire that never returns (as a Ray call
+# waiting in C++ for an object nobody can rebuild) never gets there.
+_HUNG_DRIVER = """
+import threading
+from pipeline.engine.runner import stall_watchdog
+from pipeline.signals import install, job_running
+
+install()
+with job_running():
+    stalled = []
+    stall_watchdog(2, lambda: ("the extract job's QAModel stage", "3 of 8 shards committed"), stalled).start()
+    lock = threading.Lock()
+    lock.acquire()
+    lock.acquire()  # blocks forever: nothing in this process releases it
+"""
+
+
+def test_a_driver_blocked_past_the_grace_period_exits_1_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _HUNG_DRIVER], env=env, capture_output=True, text=True,
+                          timeout=60)
+    took = time.monotonic() - started
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: the job stalled: "), done.stderr
+    assert "QAModel" in lines[0] and "3 of 8 shards committed" in lines[0] and "--resume" in lines[0]
+    # 2 s timeout + 5 s grace (the floor), plus the interpreter's start-up on a busy machine.
+    assert 7 <= took < 7 + 20, took
+    assert grace_for(2) == 5 and grace_for(120) == 12 and grace_for(3600) == 30
+
+
+def test_a_job_that_stops_in_time_is_not_exited():
+    hung: list[str] = []
+    dog = Watchdog(0.2, lambda: ("the X stage", "0 of 1 shards committed"), lambda _: None,
+                   on_hang=hung.append, grace_s=1.0).start()
+    time.sleep(0.6)
+    assert dog.fired is not None
+    dog.stop()  # the main thread unwound within the grace period
+    time.sleep(1.0)
+    assert hung == []

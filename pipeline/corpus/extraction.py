@@ -152,8 +152,10 @@ def plan_model(cfg: ExtractConfig, cluster: ClusterView) -> ModelPlan:
     cpus = cfg.cpus_per_actor
     if cpus is None:
         # Each actor gets an equal share of the cluster, at most one node, minus half a CPU left to
-        # reading, tokenizing and writing: actors holding every CPU stall the stream (ray#44687).
-        cpus = max(0.5, min(cluster.node_cpus - 0.5, (cluster.cpus - 0.5) / pool[1]))
+        # reading, tokenizing and writing: actors holding every CPU stall the stream (ray#44687). No
+        # floor above that share: on a one-CPU node two actors of half a CPU each left the reads
+        # nothing, and the job (or its --resume after a node loss) waited forever.
+        cpus = max(0.1, min(cluster.node_cpus - 0.5, (cluster.cpus - 0.5) / pool[1]))
     elif cluster.fixed and cpus > cluster.node_cpus:
         raise ConfigError(f"--cpus-per-actor {cpus:g} is more than this machine's {cluster.node_cpus:g} CPUs: "
                           "the actor could never start")

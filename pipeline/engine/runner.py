@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -122,6 +123,15 @@ class _Tracker:
             else:
                 self.progress.update(self.already_done + len(self.done), rows=self.model_rows,
                                      info=f"{written:,} rows written")
+
+    def settle(self) -> None:
+        """The job finished: its final line says the rows written went through the model, once each. The
+        actors' own counts are a live estimate only: a batch retried after a node loss is counted twice,
+        a count sent from a node as it died is lost, and neither belongs in the final figures."""
+        with self.lock:
+            if self.model_rows is not None:
+                self.model_rows = int(self.rows_seen)
+        self.report()
 
     def finish(self) -> None:
         """Shards no receipt ever named must be empty; anything else means rows were lost."""
@@ -346,8 +356,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     stalled: list[str] = []
     watchdog = None
     if stall_timeout_s:
-        watchdog = Watchdog(stall_timeout_s, lambda: _stall_report(spec, tracker, resources),
-                            lambda message: (stalled.append(message), _thread.interrupt_main()))
+        watchdog = stall_watchdog(stall_timeout_s, lambda: _stall_report(spec, tracker, resources), stalled)
     moved: list[Any] = [None]
 
     def beat() -> None:
@@ -373,6 +382,12 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     ticker.start()
     if watchdog is not None:
         watchdog.start()
+    # A stop (signal or stall) raised while the driver waits inside Ray Data passes through its error
+    # wrapper, which logs it as "an exception in Ray Data internal code" with a page of stack: the job's
+    # own one line says all there is to say.
+    quiet_stop = _DropWhileStopping(stalled)
+    ray_data_errors = logging.getLogger("ray.data.exceptions")
+    ray_data_errors.addFilter(quiet_stop)
     try:
         # prefetch_batches=0: with Ray's default of 1, iter_batches holds every block back until the
         # next one exists, so each receipt (and the commit it completes) reached the driver one block
@@ -394,6 +409,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
         if has_actors:
             rows, labels[:] = ray.get(monitor.counts.remote())
             tracker.report(rows)
+            tracker.settle()
             ready = ray.get(monitor.ready_at.remote())
             extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None}
     except (KeyboardInterrupt, JobStopped):
@@ -405,8 +421,44 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
         stop.set()
         if watchdog is not None:
             watchdog.stop()
+        ray_data_errors.removeFilter(quiet_stop)
         ray.kill(monitor)
     return {i: tracker.stats[i] for i in tracker.done}, extra
+
+
+class _DropWhileStopping(logging.Filter):
+    """Drops log records once the job is being stopped (a signal arrived, or the watchdog fired)."""
+
+    def __init__(self, stalled: list[str]) -> None:
+        super().__init__()
+        self.stalled = stalled
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.stalled or STOP.requested())
+
+
+def stall_watchdog(timeout_s: float, describe: Callable[[], tuple[str, str]], stalled: list[str]) -> Watchdog:
+    """The driver's watchdog: on a stall, note the line in `stalled` and interrupt the main thread (which
+    `run_ray` turns into StallError); if that does not stop the job within the grace period, exit 1."""
+    def interrupt(message: str) -> None:
+        stalled.append(message)
+        _thread.interrupt_main()
+
+    return Watchdog(timeout_s, describe, interrupt, on_hang=_exit_hung)
+
+
+def _exit_hung(message: str) -> None:
+    """The watchdog's last resort, from its own thread: the main thread was asked to stop and is still
+    blocked (inside Ray's native code, where no Python signal handler runs). Say the stall line the CLI
+    would have said and end the process with exit 1: a job must never hang. Nothing here may touch Ray
+    (`ray.shutdown()` would wait on the same stuck core worker); the cluster frees the job's actors and
+    tasks when the driver's connection drops, and committed shards are complete on disk already."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"error: the job {message}\n")
+        sys.stderr.flush()
+    os._exit(1)
 
 
 def _stall_report(spec: JobSpec, tracker: _Tracker, resources: list[Resources]) -> tuple[str, str]:

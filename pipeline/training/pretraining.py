@@ -233,7 +233,12 @@ def _train(cfg: PretrainConfig, rundir: RunDir, state: str, data: MinedData, sou
     cpus = _cpus_per_worker(cfg)
     root = filesystem(cfg.output)[1]
     storage = cfg.output if is_uri(cfg.output) else root  # Ray Train wants a URI or an absolute path
-    sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
+    # The driver polls the sink every half second: it lives on the driver's node, so losing a worker node
+    # (which Ray Train survives by restarting the group) cannot take the driver's progress with it.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    sink = ray.remote(num_cpus=0, scheduling_strategy=here)(_ProgressSink).remote()
     plan = WorkerPlan(
         hparams=hp, source=source.plain(), tokenizer=source.tokenizer, seed=cfg.seed, shuffle=cfg.shuffle,
         shuffle_buffer=cfg.shuffle_buffer, checkpoint_every=cfg.checkpoint_every, output=storage,
