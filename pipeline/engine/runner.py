@@ -24,8 +24,8 @@ applying a stage), `pipeline.engine.commit` (parts, commits, the output director
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
@@ -412,15 +412,16 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             tracker.settle()
             ready = ray.get(monitor.ready_at.remote())
             extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None}
-    except (KeyboardInterrupt, JobStopped):
+    except (_Stalled, KeyboardInterrupt, JobStopped):
         if stalled:  # the watchdog interrupted the driver: say why, in its one line
-            STOP.reset()
             raise StallError(stalled[0]) from None
         raise
     finally:
         stop.set()
         if watchdog is not None:
             watchdog.stop()
+            if stalled:
+                _raise_in(threading.get_ident(), None)  # the job ended as the watchdog fired: nothing to stop
         ray_data_errors.removeFilter(quiet_stop)
         ray.kill(monitor)
     return {i: tracker.stats[i] for i in tracker.done}, extra
@@ -437,12 +438,26 @@ class _DropWhileStopping(logging.Filter):
         return not (self.stalled or STOP.requested())
 
 
+class _Stalled(BaseException):
+    """Raised by the watchdog in the thread running the job; `run_ray` turns it into StallError. A
+    BaseException, so that no `except Exception` on the way (Ray Data has some) takes it for an error."""
+
+
+def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
+    # An asynchronous exception, delivered at the thread's next Python instruction. Unlike a simulated
+    # SIGINT it does not depend on which signal handlers the process has (a program of its own, a test
+    # runner); None withdraws one not delivered yet.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
+
+
 def stall_watchdog(timeout_s: float, describe: Callable[[], tuple[str, str]], stalled: list[str]) -> Watchdog:
-    """The driver's watchdog: on a stall, note the line in `stalled` and interrupt the main thread (which
-    `run_ray` turns into StallError); if that does not stop the job within the grace period, exit 1."""
+    """The driver's watchdog: on a stall, note the line in `stalled` and interrupt the thread running the
+    job (which `run_ray` turns into StallError); if that does not stop it within the grace period, exit 1."""
+    job_thread = threading.get_ident()
+
     def interrupt(message: str) -> None:
         stalled.append(message)
-        _thread.interrupt_main()
+        _raise_in(job_thread, _Stalled)
 
     return Watchdog(timeout_s, describe, interrupt, on_hang=_exit_hung)
 
