@@ -195,7 +195,7 @@ def _pretrain_round(cluster: LocalCluster, work: Path, out: Path, rng: random.Ra
     resumes = [i for i, r in enumerate(log) if r.get("event") == "resume"]
     start = log[resumes[-1]]["step"] if resumes else 0
     logged = [r["step"] for r in log[(resumes[-1] + 1 if resumes else 0):] if "loss" in r]
-    ok = (out / "_SUCCESS").is_file() and logged == list(range(start + 1, steps + 1))
+    ok = (out / "__splinter__" / "_SUCCESS").is_file() and logged == list(range(start + 1, steps + 1))
     return ("identical" if ok else "failed"), f"{note}; resumed at {start}"
 
 

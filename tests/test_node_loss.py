@@ -164,7 +164,7 @@ def test_pretrain_survives_losing_the_node_of_its_workers(cluster: LocalCluster,
             pytest.fail(f"pretraining hung after losing a node:\n{proc.communicate()[1][-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     assert killed_at < PRETRAIN_STEPS, "the run must lose its node mid-run"
-    assert (out / "_SUCCESS").is_file()
+    assert (out / "__splinter__" / "_SUCCESS").is_file()
     assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == PRETRAIN_STEPS
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     resumes = [r for r in log if r.get("event") == "resume"]
