@@ -150,10 +150,10 @@ def _resume(args: list[str]) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_sigterm_stops_mine_on_ray_in_one_line_and_resume_finishes_it_identically(tmp_path):
+def test_ctrl_c_stops_mine_on_ray_in_one_line_and_resume_finishes_it_identically(tmp_path):
     out = tmp_path / "mined"
     args = ["mine", str(CORPUS), str(out), "--shard-rows", "100", "--dupe-factor", "4", "--num-cpus", "1"]
-    _stop_mid_job(args, out, tmp_path, signal.SIGTERM)
+    _stop_mid_job(args, out, tmp_path, signal.SIGINT)
     _resume(args)
     clean = tmp_path / "clean"
     run_mine(MineConfig(input=[str(CORPUS)], output=str(clean), local=True, shard_rows=100, dupe_factor=4))
@@ -172,7 +172,7 @@ def _squad_questions(tmp_path: Path, n: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("mode", "signum"), [("ray", signal.SIGTERM), ("local", signal.SIGINT)])
+@pytest.mark.parametrize(("mode", "signum"), [("ray", signal.SIGTERM), ("local", signal.SIGTERM)])
 def test_a_signal_stops_extract_in_one_line_and_resume_finishes_it_identically(tmp_path, tiny_qa_model, mode, signum):
     questions = _squad_questions(tmp_path, 600)
     out = tmp_path / "answers"
