@@ -132,11 +132,8 @@ def _round(cluster: LocalCluster, job: Job, reference: Path, out: Path, rng: ran
         killed_late = proc.poll() is not None
         node.kill()
         note = f"kill after {after} shards + {extra:.1f}s" + (" (job had ended)" if killed_late else "")
-        try:
-            _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stderr = _wait(proc, deadline)
+        if stderr is None:
             return "hang", note
     if proc.returncode == 0:
         return ("identical" if _same(out, reference, job) else "failed"), note
@@ -152,6 +149,16 @@ def _round(cluster: LocalCluster, job: Job, reference: Path, out: Path, rng: ran
     if resumed.returncode == 0 and _same(out, reference, job):
         return "resumed_identical", note
     return "failed", f"{note}; --resume exit {resumed.returncode}"
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> str | None:
+    """The job's stderr once it ends, or None (killed) if it is still running at `deadline`: a hang."""
+    try:
+        return proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None
 
 
 def _pretrain_round(cluster: LocalCluster, work: Path, out: Path, rng: random.Random,
@@ -183,11 +190,8 @@ def _pretrain_round(cluster: LocalCluster, work: Path, out: Path, rng: random.Ra
         for node in holders[:1]:
             node.kill()
         note = f"kill after checkpoint {registered()}" + ("" if holders else " (no worker found)")
-        try:
-            _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stderr = _wait(proc, deadline)
+        if stderr is None:
             return "hang", note
     if proc.returncode != 0:
         return "failed", f"{note}; exit {proc.returncode}: {stderr.strip().splitlines()[-1:]}"

@@ -374,8 +374,20 @@ class RunDir:
         return _kind(self.fs, self.path(SUCCESS_FILE)) == pafs.FileType.File
 
 
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """Nested groups of settings (training, hparams) by their own key names, as the flags name them; a
+    top-level setting wins over a nested one of the same name (what the user gave over what it resolved to)."""
+    out = {key: value for key, value in settings.items() if not isinstance(value, dict)}
+    for value in settings.values():
+        if isinstance(value, dict):
+            out.update({k: v for k, v in _flat(value).items() if k not in out})
+    return out
+
+
 def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not changed:
-        return "the inputs differ (names, sizes or modification times)"
-    return "settings differ: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+    """The first setting that differs, as `key: then there, now now`."""
+    then, now = _flat(old), _flat(new)
+    for key, value in now.items():
+        if then.get(key) != value:
+            return f"{key}: {then.get(key)!r} there, {value!r} now"
+    return "settings differ"

@@ -248,17 +248,6 @@ def finetune_output(output: str) -> RunDir:
     return RunDir(output, "finetune", owns=ours)
 
 
-def _describe_change(previous: dict[str, Any], now: dict[str, Any]) -> str:
-    """The first setting that differs, as `key: then there, now now`."""
-    flat_now = {**{k: v for k, v in now.items() if k != "training"}, **now["training"]}
-    then = previous.get("settings") or {}
-    flat_then = {**then, **(then.get("training") or {})}
-    for key, value in flat_now.items():
-        if flat_then.get(key) != value:
-            return f"{key}: {flat_then.get(key)!r} there, {value!r} now"
-    return "settings differ"
-
-
 def prepare_output(output: str, action: str) -> tuple[Path, TrainState | None]:
     """OUTPUT for `action` ("new", or "resume" a run with the same settings: RunDir.begin decided);
     returns it and the state to resume from, if any.
@@ -402,8 +391,7 @@ def _finetune(job: FinetuneJob, rundir: RunDir, progress: Progress) -> dict[str,
         progress.log(f"[finetune] {job.output} already holds this run, complete; --overwrite trains it again")
         drop_checkpoint(Path(job.output))  # in case a kill came between the end and the clean-up
         return {**finished, "output": str(Path(job.output))}
-    previous = rundir.begin(settings, overwrite=job.overwrite, continues=True,
-                            describe=lambda old: _describe_change(old, settings))
+    previous = rundir.begin(settings, overwrite=job.overwrite, continues=True)
     action = "resume" if previous is not None else "new"
     t0 = time.perf_counter()
     cfg = job.training

@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 
 from pipeline.paths import is_uri
 from pipeline.progress import NullProgress, Progress
-from pipeline.settings import RUN_FIELDS, ConfigError, PretrainConfig
+from pipeline.settings import ConfigError, PretrainConfig
 from pipeline.signals import STOP, JobStopped, stop_at_safe_points
 from pipeline.storage.filesystems import filesystem
 from pipeline.storage.rundir import RunDir, read_json
@@ -73,14 +73,8 @@ def prepare_output(cfg: PretrainConfig, rundir: RunDir | None = None) -> tuple[s
         finished = None if cfg.overwrite else rundir.finished(settings)
         if finished is not None:
             return "complete", finished
-        previous = rundir.begin(settings, overwrite=cfg.overwrite, continues=True,
-                                describe=lambda old: _describe_change(old.get("settings") or {}, settings))
+        previous = rundir.begin(settings, overwrite=cfg.overwrite, continues=True)
     return ("resume" if previous is not None else "new"), None
-
-
-def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    k = next(k for k in RUN_FIELDS if old.get(k) != new.get(k)) if any(old.get(k) != new.get(k) for k in RUN_FIELDS) else None
-    return f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" if k else "hyper-parameters differ"
 
 
 # ---------------------------------------------------------------------------------------- running
