@@ -14,13 +14,14 @@ Figures (questions per second, higher is better):
   By default the QASS head is untrained (seeded), so the agreement is measured on near-random span scores;
   pass `--model DIR` (a `splinter finetune` output) to measure it on a fine-tuned model.
 - start-up vs steady state of the job (see benchmarks/commits.py): `ray_start_s`, the embedded Ray's
-  start (once per process, not part of any job); `first_answer_s`, from the job's call to its first
-  committed shard on a warm cluster (`first_answer_cold_s`: the first job on a fresh cluster, whose
-  workers still import torch); `job_steady_qps`, questions through the model after its first batch /
+  start (once per process, not part of any job); `first_answer_s`, from the job's call to the first
+  answers written to the output (the first model batch's rows, staged until their shard is whole) on a
+  warm cluster (`first_answer_cold_s`: the first job on a fresh cluster, whose workers still import
+  torch); `first_commit_s`, to the first committed shard (it grows with the shard size); `job_steady_qps`, questions through the model after its first batch /
   time to its last batch (the actors' own counts, polled each second); `job_steady_commit_qps`, the
   same from shard commits (rows of shards committed after the first / time from the first to the last
   commit: it overstates the rate when there are few shards, part of whose rows were done before the
-  first answer). Neither exists for a job of one model batch: --quick uses batches of 64 rows.
+  first answer). Neither exists for a job of one model batch (64 rows on CPU by default).
 - one model core: the job with `cpus_per_actor=1, num_actors=1` (one torch thread; the other core is
   left to tokenizing, writing and Ray) against the raw forward at `torch.set_num_threads(1)` on the
   same windows: `job_1cpu_steady_vs_raw_forward_1thread` (goal >= 0.90 at 3,000 questions).
@@ -241,8 +242,8 @@ def run_ours_job(
         warm = work / "warm.jsonl"
         warm.write_text("".join(src.read_text(encoding="utf-8").splitlines(True)[:8]), encoding="utf-8")
         started = time.time()
-        run_extract(dataclasses.replace(cfg, input=[str(warm)], output=str(work / "warm")))
-        first = read_commits(work / "warm").first
+        first = run_extract(dataclasses.replace(cfg, input=[str(warm)], output=str(work / "warm"),
+                                                overwrite=True)).get("first_output_at")
         COLD["first_answer_cold_s"] = round(first - started, 2) if first else None
     timeline = _Timeline()
     started = time.time()  # wall clock, as the commit markers' modification times
@@ -251,7 +252,11 @@ def run_ours_job(
     seconds = time.perf_counter() - t0
     stats["first_model_rows_s"] = timeline.first_rows
     commits = read_commits(work / "answers")
-    stats["first_answer_s"] = round(commits.first - started, 2) if commits.first else None
+    # The first answers: the first rows out of the model written to the output (staged; its shard commits
+    # when all its rows are through). The first commit depends on the shard size, a user's knob.
+    first = stats.get("first_output_at")
+    stats["first_answer_s"] = round(first - started, 2) if first else None
+    stats["first_commit_s"] = round(commits.first - started, 2) if commits.first else None
     stats["steady_commit_qps"] = round(commits.steady_rows_per_s, 2) if commits.steady_rows_per_s else None
     steady = timeline.steady_rows_per_s()
     stats["steady_qps"] = round(steady, 2) if steady else None
@@ -334,8 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 Ray job")
     parser.add_argument(
         "--job-batch-size", type=int, default=None,
-        help="rows per model batch in the Ray jobs (default: the job's 256; quick 64, so that 256 questions "
-        "make several model batches and the steady-state figures exist)",
+        help="rows per model batch in the Ray jobs (default: the job's own, 64 on CPUs, 256 on GPUs)",
     )
     parser.add_argument("--no-1cpu", action="store_true",
                         help="skip the one-CPU job vs the one-thread raw forward")
@@ -348,8 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.questions or (256 if args.quick else 2000)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,16,64")).split(",")]
     threads = args.threads
-    job_batch = args.job_batch_size or (64 if args.quick else None)
-    JOB_OVERRIDES.update({"batch_size": job_batch} if job_batch else {})
+    JOB_OVERRIDES.update({"batch_size": args.job_batch_size} if args.job_batch_size else {})
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "repeats": args.repeats,
         "micro_batch_tokens": args.micro_batch_tokens,
-        "job_batch_size": job_batch or 256,
+        "job_batch_size": args.job_batch_size or ("64 on CPU, 256 on GPU (the job's default)"),
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -429,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["job_models"] = stats.get("models")
                 result["job_model_ready_s"] = stats.get("model_ready_s")  # start-up: actor built
                 result["first_answer_s"] = stats.get("first_answer_s")
+                result["first_commit_s"] = stats.get("first_commit_s")
                 result["first_answer_cold_s"] = COLD.get("first_answer_cold_s")
                 result["job_shards"] = stats.get("shards_committed")
                 result["job_steady_qps"] = stats.get("steady_qps")

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.console import filter_stderr
 from pipeline.progress import Progress, make_progress
 
 app = typer.Typer(
@@ -225,7 +226,7 @@ def extract(
     null_margin: Annotated[float | None, typer.Option(help="Answer only when score - null_score exceeds this (e.g. 0: the span beats [CLS]).")] = None,
     top_k: Annotated[int | None, typer.Option(help="Keep the N best distinct spans per question across windows in the nbest_* columns.")] = None,
     config: ConfigOpt = None,
-    batch_size: Annotated[int | None, typer.Option(help="Questions per batch handed to a model actor (default 256).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Questions per batch handed to a model actor (default 256 on GPUs, 64 on CPUs).")] = None,
     num_actors: Annotated[str | None, typer.Option(help="Model actors: N, or MIN,MAX to grow while work is queued (default: one per GPU when on GPUs, else 1).")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per model actor, fractional allowed; implies GPUs even if none are up yet (autoscaling).")] = None,
     cpus_per_actor: Annotated[float | None, typer.Option(help="CPUs reserved per model actor = its torch threads, rounded up (default: 1 on GPU, else a fair share of a node).")] = None,
@@ -578,8 +579,10 @@ def _cluster_command(args: list[str]) -> list[str]:
 
 
 def main() -> None:  # pragma: no cover - console entry
+    filter_stderr()
     app(prog_name="splinter")
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli ...`, as Ray job entrypoints use
+    filter_stderr()
     sys.exit(app(prog_name="splinter"))

@@ -214,7 +214,10 @@ class ExtractConfig(RunConfig):
     id_column: str = "id"
     question_column: str = "question"
     context_column: str = "context"
-    batch_size: int = 256
+    # Questions (windows' sources) per model call. None: 256 on GPUs, which want big batches; 64 on CPUs,
+    # whose speed does not grow past a few thousand tokens per forward, and where every call's rows wait
+    # for the whole call (64 rows: the first answers land about a second after the model is up).
+    batch_size: int | None = None
     # Model actors: N, or "MIN,MAX" for a pool that grows while work is queued. Default: one per GPU
     # the cluster has (up to what its autoscaler can add) when the model runs on GPUs, else 1.
     num_actors: int | str | None = None
@@ -290,7 +293,7 @@ class ExtractConfig(RunConfig):
                 raise ConfigError(f"model directory not found: {model}")
             if not (model / "config.json").is_file():
                 raise ConfigError(f"{model} has no config.json: is it a Splinter checkpoint directory?")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
         self._validate_resources()
         if not 32 <= self.max_length <= 4096:

@@ -72,3 +72,39 @@ class StallWhile:
         while os.path.exists(self.flag) and time.monotonic() < deadline:
             time.sleep(0.1)
         return dict(batch)
+
+
+class StampedSlices:
+    """A 1:1 task stage that takes `seconds` per slice and notes when each slice was done (a stand-in for
+    tokenizing in front of a model)."""
+
+    resources = Resources(num_cpus=0.25, batch_size=4)
+
+    def __init__(self, stamps: str, seconds: float = 0.3) -> None:
+        self.stamps, self.seconds = stamps, seconds
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        time.sleep(self.seconds)
+        with open(os.path.join(self.stamps, "slices"), "a") as f:
+            f.write(f"{time.time()}\n")
+        # ~100 KB a row, as tokenized windows are big: Ray Data passes blocks on by size.
+        pad = np.asarray(["x" * 100_000] * len(batch["text"]), dtype=object)
+        return {**batch, "word": np.asarray([str(t) for t in batch["text"]], dtype=object), "pad": pad}
+
+
+class StampedModel:
+    """A 1:1 actor stage that notes when each of its calls began (a stand-in for a model)."""
+
+    resources = Resources(num_cpus=0.5, batch_size=4, actors=1)
+
+    def __init__(self, stamps: str) -> None:
+        self.stamps = stamps
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        with open(os.path.join(self.stamps, "calls"), "a") as f:
+            f.write(f"{time.time()}\n")
+        return {**batch, "upper": np.asarray([w.upper() for w in batch["word"]], dtype=object)}

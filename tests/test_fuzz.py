@@ -400,9 +400,6 @@ def test_truncated_gz_in_a_ray_job_exits_2_naming_it_and_an_uncreatable_output_t
     assert "cannot create the output directory" in proc.stderr and "--resume" not in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="Ray Data passes every actor-pool worker its map transformer as an object "
-                   "ref, so the driver's core worker logs (at ERROR) that a restartable actor has constructor "
-                   "arguments in the object store; not yet filtered")
 def test_a_ray_extract_console_shows_the_tools_lines_only(tmp_path, tiny_qa_model):
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in _questions(12)))
     proc = _cli("extract", str(tmp_path / "q.jsonl"), str(tmp_path / "out"), "--model", str(tiny_qa_model),

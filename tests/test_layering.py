@@ -2,7 +2,8 @@
 
 Layers, bottom to top (RANKS below is the table the tests hold the code to):
     splinter/              the model library: stdlib + torch, tokenizers, safetensors, numpy only
-    pipeline/settings.py   every job's settings; pipeline/progress.py the console; pipeline/signals.py stops
+    pipeline/settings.py   every job's settings; pipeline/progress.py the console; pipeline/signals.py stops;
+                           pipeline/console.py keeps Ray's notices off stderr
     pipeline/storage/      filesystems (local, S3), input formats, sources (read + shard), model files
     pipeline/engine/       what a job is, batches, commits, the runner (the only code mapping stages onto Ray)
     pipeline/stages/       plain batch -> batch classes; never ray
@@ -90,7 +91,8 @@ RANKS = {
     "jobs": 8,
 }
 # Modules of the bottom pipeline layer: anything else at pipeline/'s top level must be placed in RANKS.
-PIPELINE_BASE = {"pipeline", "pipeline.settings", "pipeline.progress", "pipeline.signals", "pipeline.paths"}
+PIPELINE_BASE = {"pipeline", "pipeline.settings", "pipeline.progress", "pipeline.signals", "pipeline.paths",
+                 "pipeline.console"}
 
 
 def _rank(module: str) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from runner_stages import Upper, WordRows
+from runner_stages import StampedModel, StampedSlices, Upper, WordRows
 
 from pipeline.engine.runner import run
 from pipeline.engine.spec import JobSpec, StageSpec
@@ -73,6 +73,28 @@ def test_ray_equals_local(tmp_path, ray_session):
     assert sorted(p.name for p in (tmp_path / "ray").glob("shard-*")) == sorted(
         p.name for p in (tmp_path / "local").glob("shard-*"))
     assert stats["rows_in"] == 44
+
+
+def test_a_shard_reaches_the_model_while_it_is_still_being_tokenized(tmp_path, ray_session):
+    # One shard of 64 rows, slices of 4 taking 0.5 s each in the task stage in front of the model: the
+    # model's first call must come long before the task's last slice (8 s in), not after the whole shard.
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": f"t{i}"}) + "\n"
+                                               for i in range(64)))
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    spec = JobSpec(name="streamed", read=ReadOptions(kind="documents"),
+                   stages=[StageSpec(StampedSlices, {"stamps": str(stamps), "seconds": 0.5}),
+                           StageSpec(StampedModel, {"stamps": str(stamps)})],
+                   schema=SCHEMA, reason_column="skip_reason", drop_reason_rows=True)
+    shards = plan_shards(expand_inputs([str(tmp_path / "in.jsonl")]), "auto", shard_rows=1000, shard_bytes=1 << 20)
+    assert len(shards) == 1
+    stats = run(spec, shards, str(tmp_path / "out"), engine="ray")
+    assert stats["rows_out"] == 64
+    assert _read(tmp_path / "out")["upper"].to_pylist() == [f"T{i}" for i in range(64)]
+    slices = sorted(float(t) for t in (stamps / "slices").read_text().split())
+    calls = sorted(float(t) for t in (stamps / "calls").read_text().split())
+    assert len(slices) == 16 and len(calls) >= 2
+    assert calls[0] < slices[-1] - 2.0, (calls[0] - slices[0], slices[-1] - slices[0])
 
 
 def test_existing_output_needs_resume_or_overwrite(tmp_path):

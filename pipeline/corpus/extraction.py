@@ -139,7 +139,7 @@ def plan_model(cfg: ExtractConfig, cluster: ClusterView) -> ModelPlan:
                 ceiling = max(now, math.floor(known_max / per_actor))
             pool = (now, ceiling)
         cpus = cfg.cpus_per_actor or 1.0
-        res = Resources(num_cpus=cpus, num_gpus=per_actor, batch_size=cfg.batch_size, actors=pool[0],
+        res = Resources(num_cpus=cpus, num_gpus=per_actor, batch_size=cfg.batch_size or 256, actors=pool[0],
                         max_actors=pool[1])
         note = (f"model on GPU: {_pool_text(pool)} x {per_actor:g} GPU, {cpus:g} CPU each "
                 f"(the cluster has {cluster.gpus:g} GPUs now)")
@@ -160,7 +160,7 @@ def plan_model(cfg: ExtractConfig, cluster: ClusterView) -> ModelPlan:
         raise ConfigError(f"--cpus-per-actor {cpus:g} is more than this machine's {cluster.node_cpus:g} CPUs: "
                           "the actor could never start")
     threads = max(1, math.ceil(cpus))
-    res = Resources(num_cpus=cpus, num_gpus=0, batch_size=cfg.batch_size, actors=pool[0], max_actors=pool[1])
+    res = Resources(num_cpus=cpus, num_gpus=0, batch_size=cfg.batch_size or 64, actors=pool[0], max_actors=pool[1])
     precision = "int8" if cfg.quantize else "fp32"
     note = f"model on CPU ({precision}): {_pool_text(pool)} x {cpus:g} CPUs, {threads} torch threads each"
     if cfg.device == "auto" and not cluster.fixed and cluster.max_gpus is None and not cfg.quantize:
@@ -188,8 +188,9 @@ def extract_spec(cfg: ExtractConfig, cluster: ClusterView, model: ShippedModel |
         # Equal resources would make Ray Data fuse tokenizing into the model actor (run in turn with the
         # forward, on the actor's cores); a hair less keeps them apart.
         light = 0.2
-    token_res = Resources(num_cpus=light, batch_size=cfg.batch_size)
-    post_res = Resources(num_cpus=light, batch_size=cfg.batch_size)
+    batch_size = plan.resources.batch_size  # the model's, which tokenizing feeds slice by slice
+    token_res = Resources(num_cpus=light, batch_size=batch_size)
+    post_res = Resources(num_cpus=light, batch_size=batch_size)
     n_best = max(cfg.n_best, _topk_candidates(cfg)) if cfg.top_k else cfg.n_best
     window_args = {"max_length": cfg.max_length, "stride": cfg.stride, "max_query_length": cfg.max_query_length}
     config = cfg.output_fields()
@@ -200,8 +201,8 @@ def extract_spec(cfg: ExtractConfig, cluster: ClusterView, model: ShippedModel |
         fields = sorted({name for q in questions for name in q.fields})
         read = ReadOptions(kind="documents", text_column=cfg.text_column, id_column=cfg.id_column,
                            extra={"fields": fields})
-        # A batch of documents becomes documents x questions rows: keep it to about cfg.batch_size pairs.
-        docs_per_batch = max(1, cfg.batch_size // len(questions))
+        # A batch of documents becomes documents x questions rows: keep it to about batch_size pairs.
+        docs_per_batch = max(1, batch_size // len(questions))
         tokenize = StageSpec(CorpusQATokenize, {**window_args, "max_context_chars": cfg.max_context_chars,
                                                 "questions": [(q.question_id, q.text, q.fields) for q in questions]},
                              Resources(num_cpus=light, batch_size=docs_per_batch), shared={"tokenizer": tokenizer})

@@ -34,13 +34,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.console import restore_stderr
 from pipeline.engine.batch import apply_chunked, apply_stage, batch_len, read_batch, slice_batch
 from pipeline.engine.commit import (
     check_output,
@@ -82,6 +83,7 @@ class _Tracker:
         # Rows through the job's model (actor) stage so far, as its actors report them: the work as it
         # happens, ahead of commits. None when the job has no actor stage (then rows = rows written).
         self.model_rows: int | None = None
+        self.first_output_at: float | None = None  # wall clock of the first rows written (the first answers)
         self.lock = threading.Lock()  # feed() runs in the driver loop, report() also from the ticker
         progress.start(spec.name, already_done + len(shards), "shards")
 
@@ -95,6 +97,8 @@ class _Tracker:
             consumed = Fraction(str(receipts["consumed"][i]))
             self.consumed[shard] += consumed
             self.rows_seen += consumed
+            if self.first_output_at is None and consumed:
+                self.first_output_at = time.time()
             self.stats[shard] = merge_stats(self.stats[shard], json.loads(str(receipts["stats"][i])))
             if self.consumed[shard] > rows:
                 raise RuntimeError(f"shard {shard} accounted {self.consumed[shard]} of {rows} rows: duplicated rows")
@@ -219,6 +223,15 @@ def _task_stage(batch: Batch, stage: StageSpec, batch_size: int, shared: dict[st
     return apply_chunked(_cached_stage(stage, shared), batch, batch_size)
 
 
+def _streamed_stage(batch: Batch, stage: StageSpec, batch_size: int, shared: dict[str, Any]) -> Iterator[Batch]:
+    """_task_stage for a stage that feeds a model: each slice leaves as soon as it is done (a Ray streaming
+    generator), so the model's first batch waits for `batch_size` rows of a shard, not for all of them."""
+    built = _cached_stage(stage, shared)
+    n = batch_len(batch)
+    for i in range(0, n, batch_size):
+        yield apply_stage(built, slice_batch(batch, i, i + batch_size))
+
+
 class _ActorStage:
     """Ray actor wrapper: builds the stage once (e.g. a model load), then serves batches and tells the
     job's monitor how many rows it finished (fire and forget), so progress follows the model."""
@@ -271,6 +284,13 @@ class _Monitor:
         return self.first_ready
 
 
+# Blocks out of a streamed stage are passed on once they hold this much: tokenized SQuAD questions take
+# ~3.6 KB a row, so a 64-row slice goes on as it is yielded (~230 KB). Blocks past 1.5x this are cut, which
+# is harmless in front of a model stage (Ray Data batches its input rows again). A model's output rows
+# (~1 KB each) stay one block per call.
+_STREAM_BLOCK_BYTES = 256 << 10
+
+
 def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress, already_done: int = 0,
             stage_overrides: dict[int, Resources] | None = None, stall_timeout_s: float | None = None
             ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
@@ -280,7 +300,8 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     (committed shards kept, --resume finishes): a lost node must never leave the driver waiting forever.
 
     Returns each shard's stats and what the job's actors reported about themselves (`models`: e.g.
-    "cuda:0 bfloat16") with `model_ready_s`, how long after the start the first one was built.
+    "cuda:0 bfloat16") with `model_ready_s`, how long after the start the first one was built, and
+    `first_output_s`, when the first rows out of the model were written (staged or committed).
     """
     import ray
 
@@ -289,6 +310,13 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in shards],
                              override_num_blocks=max(1, len(shards)))
     resources = [(stage_overrides or {}).get(i, stage.res) for i, stage in enumerate(spec.stages)]
+    # Task stages right before a model stage stream their output slice by slice. Ray Data would glue the
+    # slices back into blocks of up to 128 MB (a whole shard) before passing them on; a small block size
+    # passes each on as it is yielded. Jobs without a model keep whole shards per block: their writer
+    # publishes a shard at once only when it gets the whole shard in one batch.
+    streamed = {i for i in range(len(resources) - 1) if not resources[i].actors and resources[i + 1].actors}
+    if streamed:
+        ds.context.target_max_block_size = _STREAM_BLOCK_BYTES
     # Big stage arguments (weights, tokenizer) go into the object store once per job, not into every
     # task's arguments; the same object given to several stages is put once.
     refs_by_object: dict[int, Any] = {}
@@ -313,7 +341,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
     if not first.actors and first.tasks:
         read_args["compute"] = ray.data.TaskPoolStrategy(size=first.tasks)
     ds = ds.map_batches(_ray_read, fn_kwargs={"opts": spec.read}, batch_size=1, batch_format="numpy", **read_args)
-    for stage, res, refs in zip(spec.stages, resources, shared, strict=True):
+    for index, (stage, res, refs) in enumerate(zip(spec.stages, resources, shared, strict=True)):
         common = {"batch_size": res.batch_size, "batch_format": "numpy", "num_cpus": res.num_cpus}
         if res.actors:
             low, high = res.pool
@@ -329,8 +357,8 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             common["batch_size"] = None
             if res.tasks:
                 common["compute"] = ray.data.TaskPoolStrategy(size=res.tasks)
-            ds = ds.map_batches(_task_stage, fn_kwargs={"stage": stage, "batch_size": res.batch_size, "shared": refs},
-                                **common)
+            ds = ds.map_batches(_streamed_stage if index in streamed else _task_stage,
+                                fn_kwargs={"stage": stage, "batch_size": res.batch_size, "shared": refs}, **common)
     # batch_size=None: write each block as it arrives. A fixed size would make the writer wait for
     # that many rows, holding back commits (and progress) until the end of small jobs.
     # After a task stage, the writer takes its CPU share and pool so Ray fuses them: the stage's
@@ -411,7 +439,10 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             tracker.report(rows)
             tracker.settle()
             ready = ray.get(monitor.ready_at.remote())
-            extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None}
+            first = tracker.first_output_at
+            extra = {"models": labels, "model_ready_s": round(ready - started, 2) if ready else None,
+                     "first_output_s": round(first - started, 2) if first else None,
+                     "first_output_at": round(first, 3) if first else None}
     except (_Stalled, KeyboardInterrupt, JobStopped):
         if stalled:  # the watchdog interrupted the driver: say why, in its one line
             raise StallError(stalled[0]) from None
@@ -424,6 +455,10 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
                 _raise_in(threading.get_ident(), None)  # the job ended as the watchdog fired: nothing to stop
         ray_data_errors.removeFilter(quiet_stop)
         ray.kill(monitor)
+        # ray.kill returns at once. A monitor still dying when the driver then shuts Ray down was seen to
+        # abort with a native stack on the console; a call to it fails once it is gone.
+        with contextlib.suppress(Exception):
+            ray.get(monitor.ready_at.options(max_task_retries=0).remote(), timeout=5)
     return {i: tracker.stats[i] for i in tracker.done}, extra
 
 
@@ -473,6 +508,7 @@ def _exit_hung(message: str) -> None:
     with contextlib.suppress(Exception):
         sys.stderr.write(f"error: the job {message}\n")
         sys.stderr.flush()
+    restore_stderr()  # the console filter passes the line on before this process is gone
     os._exit(1)
 
 
