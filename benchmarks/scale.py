@@ -195,15 +195,7 @@ def scale_mine(work: Path, leads: list[tuple[str, str]], factors: list[int], cpu
         return lambda: run_mine(cfg)
 
     job(work / "mine-warm.jsonl", work / "mine-warm")()  # warm-up: worker processes and their imports
-    runs: dict[str, Any] = {}
-    for factor in factors:
-        src = work / f"mine-{factor}x.jsonl"
-        mb = mine_corpus(src, leads, factor) / MB
-        runs[f"{factor}x"] = {"input_mb": round(mb, 2), **measured(job(src, work / f"mine-{factor}x-out"),
-                                                                   work / f"mine-{factor}x-out")}
-        print(f"mine {factor:>2}x: {_line(runs[f'{factor}x'])}", flush=True)
-        src.unlink()
-    return runs
+    return scale_runs("mine", work, factors, lambda path, factor: mine_corpus(path, leads, factor), job)
 
 
 def scale_extract(work: Path, rows: list[dict[str, Any]], factors: list[int], cpus: int,
@@ -223,13 +215,19 @@ def scale_extract(work: Path, rows: list[dict[str, Any]], factors: list[int], cp
         return lambda: run_extract(cfg)
 
     job(work / "extract-warm.jsonl", work / "extract-warm")()
+    return scale_runs("extract", work, factors, lambda path, factor: extract_corpus(path, rows, factor), job)
+
+
+def scale_runs(name: str, work: Path, factors: list[int], write_input: Callable[[Path, int], int],
+               job: Callable[[Path, Path], Callable[[], dict[str, Any]]]) -> dict[str, Any]:
+    """One measured run per factor: write the input (`write_input` returns its bytes), run, drop the input."""
     runs: dict[str, Any] = {}
     for factor in factors:
-        src = work / f"extract-{factor}x.jsonl"
-        mb = extract_corpus(src, rows, factor) / MB
-        runs[f"{factor}x"] = {"input_mb": round(mb, 2), **measured(job(src, work / f"extract-{factor}x-out"),
-                                                                   work / f"extract-{factor}x-out")}
-        print(f"extract {factor:>2}x: {_line(runs[f'{factor}x'])}", flush=True)
+        src, out = work / f"{name}-{factor}x.jsonl", work / f"{name}-{factor}x-out"
+        mb = write_input(src, factor) / MB
+        runs[f"{factor}x"] = {"input_mb": round(mb, 2), **measured(job(src, out), out)}
+        print(f"{name} {factor:>2}x: {_line(runs[f'{factor}x'])}", flush=True)
+        src.unlink()
     return runs
 
 
