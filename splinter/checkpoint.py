@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from splinter.config import SplinterConfig
-from splinter.model import init_weights
+from splinter.model import init_weights, skipped_init
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +212,9 @@ def _build(
     """Create `cls(config)` without a random init and fill it from canonical checkpoint tensors."""
     with_qass = bool(getattr(cls, "has_qass", False))
     mapping = key_map(config, with_qass)
-    with torch.device("meta"):
-        model = cls(config)  # shapes only: no memory, no wasted random init
+    with skipped_init(), torch.device(device or "cpu"):
+        model = cls(config)  # every parameter is filled below (or initialised, a fresh QASS head)
     model.to(dtype=dtype or torch.get_default_dtype())
-    model.to_empty(device=device or "cpu")
     params = model.state_dict()
 
     def where(key: str) -> str:

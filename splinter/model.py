@@ -14,7 +14,10 @@ bottom-up in one place (the inference precision helpers live in `splinter/precis
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +72,36 @@ def init_weights(module: nn.Module, std: float) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+# What torch's own layers (Linear, Embedding, LayerNorm) and init_weights initialise parameters with.
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+_INIT_LOCK = threading.Lock()
+
+
+def _leave_as_is(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return tensor
+
+
+@contextlib.contextmanager
+def skipped_init() -> Iterator[None]:
+    """Modules built inside get uninitialised parameters (torch.empty): for a model whose every weight is
+    about to be overwritten from a checkpoint.
+
+    The random init of a base-size model costs seconds of CPU, and building on the "meta" device instead
+    costs ~2 s once per process (a meta tensor's normal_ imports torch's compiler stack): both are on the
+    critical path of every model actor's start. torch.nn.init is shared by the whole process, so builds
+    under this context take turns (a lock), and the functions are restored however the build ends.
+    """
+    with _INIT_LOCK:
+        saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+        try:
+            for name in _INIT_FUNCTIONS:
+                setattr(nn.init, name, _leave_as_is)
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(nn.init, name, function)
 
 
 # ------------------------------------------------------------------------------------------------- encoder
@@ -435,6 +468,7 @@ __all__ = [
     "SplinterForPreTraining",
     "QASSHead",
     "validate_inputs",
+    "skipped_init",
     "question_answering_loss",
     "pretraining_loss",
     "first_question_positions",

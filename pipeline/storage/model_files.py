@@ -22,7 +22,7 @@ import torch
 
 from pipeline.paths import is_uri
 from splinter.config import SplinterConfig
-from splinter.model import SplinterForQuestionAnswering
+from splinter.model import SplinterForQuestionAnswering, skipped_init
 from splinter.tokenizer import SplinterTokenizer
 
 __all__ = ["ShippedModel", "read_checkpoint"]
@@ -51,8 +51,8 @@ class ShippedModel:
         only ever read (eval, inference mode), which is why viewing them is safe.
         """
         config = SplinterConfig.from_dict(self.config)
-        with torch.device("meta"):
-            model = SplinterForQuestionAnswering(config)
+        with skipped_init():
+            model = SplinterForQuestionAnswering(config)  # its parameters are the shipped arrays below
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only shared memory
             state = {k: torch.from_numpy(v) for k, v in self.tensors.items()}
