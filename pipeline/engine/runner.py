@@ -326,6 +326,10 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
             if id(value) not in refs_by_object:
                 refs_by_object[id(value)] = ray.put(value)
         shared.append({name: refs_by_object[id(value)] for name, value in stage.shared.items()})
+    # What the workers are sent leaves the shared values out (they get the references above): in the
+    # stages' and writer's arguments, the weights would be serialized with every task, and Ray Data
+    # renders every array in them when it exports the job's plan (~1 s of the driver's start-up).
+    spec = dataclasses.replace(spec, stages=[dataclasses.replace(s, shared={}) for s in spec.stages])
     # The monitor lives on the driver's node: a worker node that dies must not take the job's commits
     # and counts with it. Retries are bounded: an errand that cannot be delivered after a restart or
     # two is an error the driver reports, never a resubmission loop that waits forever.
@@ -557,9 +561,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, worker_out
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # An explicit "local" so a laptop with a stray `ray start` does not silently get used.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=_local_object_store_bytes(), **kwargs)
+                 object_store_memory=_local_object_store_bytes(),
+                 _system_config={"num_workers_soft_limit": _worker_limit(num_cpus)}, **kwargs)
     # Connecting put Ray's own SIGTERM handler (a native stack dump, exit 15) in place of ours.
     reinstall_signal_handlers()
+
+
+# Worker processes that Ray's helper actors hold: Ray Data's stats, autoscaling and actor-location actors
+# and the job's monitor, with room to spare. They count towards Ray's worker limit but take no CPU.
+_HELPER_WORKERS = 6
+
+
+def _worker_limit(num_cpus: int | None) -> int:
+    """How many worker processes an embedded Ray keeps before it kills idle ones.
+
+    Ray's default is the CPU count, and it kills an idle worker above it after a second. The helper actors
+    hold processes of their own, so on a small machine a task worker was killed every time it went idle,
+    and the next task (one per model batch after the model) paid for a new process importing pyarrow and
+    torch: 3-4 CPU-s each, measured on 2 cores as a third of a core taken from the model all job long.
+    """
+    return int(num_cpus if num_cpus is not None else (os.cpu_count() or 1)) + _HELPER_WORKERS
 
 
 def _local_object_store_bytes() -> int:
