@@ -7,7 +7,7 @@ stage returns, so every source row stays accounted for however a stage splits or
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -120,6 +120,91 @@ def apply_chunked(stage: Callable[[Batch], Batch], batch: Batch, size: int) -> B
     """apply_stage over consecutive slices of at most `size` rows, concatenated."""
     n = batch_len(batch)
     return concat_batches([apply_stage(stage, slice_batch(batch, i, i + size)) for i in range(0, n, size)])
+
+
+def stream_chunked(stage: Callable[[Batch], Batch], batch: Batch, size: int) -> Iterator[Batch]:
+    """apply_chunked's output batch by batch, as each is made: per slice of at most `size` rows, the stage's
+    output, or for a stage with a `stream` method (its output in consecutive batches) each batch it yields."""
+    stream = getattr(stage, "stream", None)
+    for i in range(0, batch_len(batch), size):
+        if stream is None:
+            yield apply_stage(stage, slice_batch(batch, i, i + size))
+        else:
+            yield from apply_stream(stream, slice_batch(batch, i, i + size), type(stage).__name__)
+
+
+def apply_stream(stream: Callable[[Batch], Iterable[Batch]], batch: Batch, name: str = "stage") -> Iterator[Batch]:
+    """apply_stage for a stage whose output comes in consecutive batches (`stream(batch)` yields them).
+
+    Every yielded batch carries `_source`, in ascending order; one source's rows may go on over the next
+    batches. The internal columns are apply_stage's, numbered across batches, except for the weights:
+    rows of a source whose output goes on in the next batch weigh nothing (`_den` 0), and its last batch
+    carries its whole weight, so a shard's receipts add up to its row count only once its last rows are
+    through. To know whether a source goes on, one output batch is held back until the next one comes.
+    """
+    batch = dict(batch)
+    internal = {k: np.asarray(batch.pop(k)) for k in INTERNAL if k in batch}
+    n = len(internal["_row"])
+    if n == 0:
+        yield {**batch, **internal}
+        return
+    made = np.zeros(n, dtype=np.int64)  # rows each source has had so far
+    held: tuple[Batch, np.ndarray] | None = None
+    for out in stream(batch):
+        out = dict(out)
+        src = np.asarray(out.pop("_source"), dtype=np.int64)
+        if not len(src):
+            continue
+        if src.min() < 0 or src.max() >= n:
+            raise RuntimeError(f"{name} returned _source outside [0, {n})")
+        if (np.diff(src) < 0).any() or (held is not None and src[0] < held[1][-1]):
+            raise RuntimeError(f"{name} streamed its rows out of _source order")
+        if held is not None:
+            yield _carry_streamed(*held, internal, made, goes_on=bool(src[0] == held[1][-1]))
+        held = (out, src)
+    if held is not None:
+        yield _carry_streamed(*held, internal, made, goes_on=False)
+    if (made == 0).any():
+        raise RuntimeError(f"{name} dropped input rows: every row needs an output or a skip row")
+
+
+def _carry_streamed(out: Batch, src: np.ndarray, internal: Batch, made: np.ndarray, goes_on: bool) -> Batch:
+    """One streamed output batch with its internal columns (see apply_stream); `made` is updated."""
+    starts = np.r_[0, np.flatnonzero(np.diff(src)) + 1]
+    counts = np.diff(np.r_[starts, len(src)])
+    sources = src[starts]
+    sub = made[src] + np.arange(len(src)) - np.repeat(starts, counts)
+    made[sources] += counts
+    weight_rows = counts.copy()  # a source's rows here share its weight, unless it goes on
+    if goes_on:
+        weight_rows[-1] = 0
+    carried = {k: v[src] for k, v in internal.items()}
+    carried["_sub"] = carried["_sub"] * 1_000_000 + sub
+    carried["_src"] = np.where(sub == 0, carried["_src"], 0)
+    carried["_den"] = carried["_den"] * np.repeat(weight_rows, counts)
+    return {**out, **carried}
+
+
+def rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
+    """The rows of `batches`, in order, in slices of `size` rows (the last may be shorter): the slices a
+    whole concatenation would be cut into, made as the batches come."""
+    buffer: list[Batch] = []
+    held = 0
+    for batch in batches:
+        if not batch_len(batch):
+            continue
+        buffer.append(batch)
+        held += batch_len(batch)
+        if held >= size:
+            merged = concat_batches(buffer)
+            start = 0
+            while held - start >= size:
+                yield slice_batch(merged, start, start + size)
+                start += size
+            buffer = [slice_batch(merged, start, held)] if start < held else []
+            held -= start
+    if buffer:
+        yield concat_batches(buffer)
 
 
 def _to_arrow(col: np.ndarray, typ: pa.DataType, n: int) -> pa.Array:
