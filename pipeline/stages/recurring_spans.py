@@ -62,8 +62,9 @@ SKIP_REASONS = ("empty", "not_text", "too_short", "no_recurring_spans")
 # feed excepted), DEL, and U+FFFD (what a decoder leaves for invalid UTF-8).
 _JUNK = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
 _JUNK_FRACTION = 0.05
-# Characters of lines per tokenizer call: a usual batch of documents is one call, a huge document many.
-_ENCODE_CHARS = 1 << 20
+# Characters of lines per tokenizer call: its Encodings take ~100 bytes a token (~25 bytes a character)
+# until their ids are taken, so calls stay small; a usual batch of documents is a few calls.
+_ENCODE_CHARS = 1 << 18
 # Characters of documents mined together (one tokenizer pass, one cluster search, one output batch): a
 # usual batch of documents is one group; a group's memory, not the batch's, is what mining holds.
 _GROUP_CHARS = 1 << 20
