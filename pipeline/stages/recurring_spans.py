@@ -65,7 +65,7 @@ _JUNK_FRACTION = 0.05
 # Characters of lines per tokenizer call: its Encodings take ~100 bytes a token (~25 bytes a character)
 # until their ids are taken, so calls stay small; a usual batch of documents is a few calls.
 _ENCODE_CHARS = 1 << 18
-# Characters of documents mined together (one tokenizer pass, one cluster search, one output batch): a
+# Characters of documents mined together (tokenized together, one cluster search, one output batch): a
 # usual batch of documents is one group; a group's memory, not the batch's, is what mining holds.
 _GROUP_CHARS = 1 << 20
 _INT32 = np.int32
