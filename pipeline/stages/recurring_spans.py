@@ -62,6 +62,7 @@ SKIP_REASONS = ("empty", "not_text", "too_short", "no_recurring_spans")
 # feed excepted), DEL, and U+FFFD (what a decoder leaves for invalid UTF-8).
 _JUNK = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
 _JUNK_FRACTION = 0.05
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Characters of lines per tokenizer call: its Encodings take ~100 bytes a token (~25 bytes a character)
 # until their ids are taken, so calls stay small; a usual batch of documents is a few calls.
 _ENCODE_CHARS = 1 << 18
@@ -188,9 +189,7 @@ class RecurringSpanMiner:
             return "", "not_text"  # None, NaN from a pandas round trip, numbers...
         if not text or text.isspace():
             return "", "empty"
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
+        if _SURROGATE.search(text):  # what UTF-8 cannot encode (found without a copy of a huge text)
             # Lone surrogates (a bad decode upstream): the tokenizer cannot take them; make them
             # U+FFFD so the junk test below judges them like any invalid UTF-8.
             text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
