@@ -430,3 +430,42 @@ def test_a_mine_that_skips_every_record_for_a_missing_text_column_says_so(tmp_pa
     stats = run_mine(MineConfig(input=[str(tmp_path / "d.jsonl")], output=str(tmp_path / "out"), local=True))
     assert stats["skipped"] == {"missing_text_column": 5}
     assert "WARNING: no document had the text column" in format_mining_summary(stats)
+
+
+def test_a_huge_json_string_is_decoded_in_pieces_to_the_same_value(tmp_path, monkeypatch):
+    """A line holding a huge string (scaled down here) is decoded without its decoded copy beside the text:
+    the value is `loads`' exactly, whatever the escapes, surrogates, invalid UTF-8 or invalid JSON."""
+    monkeypatch.setattr(formats, "_BIG_STRING", 40)
+    monkeypatch.setattr(formats, "_STRING_PIECE", 7)
+    pieced: list[int] = []
+    real = formats._string_utf8
+    monkeypatch.setattr(formats, "_string_utf8", lambda raw, a, b: pieced.append(b - a) or real(raw, a, b))
+    rng = random.Random(5)
+    atoms = ["a", " ", "é", "中", "😀", "\\n", '\\"', "\\\\", "\\/", "\\u00e9", "\\ud83d\\ude00", "\\ud800", "\\udc00",
+             "\\t", "z", ".", "u", "f", "1"]
+    broken = ["\\x", "\t", "\\u12", "\\"]
+
+    def string(n: int) -> str:
+        parts = [rng.choice(atoms) for _ in range(n)]
+        if rng.random() < 0.1:
+            parts.insert(rng.randrange(n + 1), rng.choice(broken))
+        return '"' + "".join(parts) + '"'
+
+    for i in range(600):
+        big, small = string(rng.randrange(20, 80)), string(3)
+        text = rng.choice([f'{{"id": {small}, "text": {big}}}', f"[{small}, {{{big}: [{big}, 1]}}]", big,
+                           f'{{"text": {big}, "text": {big}, "n": [1.5, null, true]}}', f"\ufeff{{{small}: {big}}}"])
+        raw = text.encode("utf-8", "surrogatepass")
+        if i % 7 == 0:  # invalid UTF-8 somewhere
+            b = bytearray(raw)
+            b[rng.randrange(len(b))] = rng.choice([0xFF, 0xE2, 0x80])
+            raw = bytes(b)
+        expected = formats.loads(raw)
+        assert repr(formats.loads_taken([raw])) == repr(expected), raw
+        assert repr(formats.loads_taken([bytearray(raw)])) == repr(expected), raw
+    assert len(pieced) > 500
+    # Planning does not read a long first line whole to see that it is not an MRQA header.
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"id": "x", "text": "y" * 100_000}) + "\n")
+    monkeypatch.setattr(formats, "_first_line", None)
+    assert formats.detect_format(str(path)) == "jsonl"

@@ -172,3 +172,52 @@ def test_config_file_and_validation(tmp_path):
         MineConfig.from_file(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="input not found"):
         MineConfig(input=["/nope/x.jsonl"], output="o").validate()
+
+
+def test_a_long_document_is_written_as_it_is_mined(tmp_path, monkeypatch):
+    """One record longer than the stage's piece size, read as a huge line (scaled down here): its rows go to
+    the writer piece by piece, never all held at once, and the shard is committed once, whole, with
+    exactly the rows the stage gives the document in one call."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipeline.corpus.mining import mining_spec
+    from pipeline.engine import runner
+    from pipeline.stages.recurring_spans import RecurringSpanMiner
+    from pipeline.storage import formats, sources
+    from pipeline.storage.sources import list_inputs, plan_shards
+
+    text = "\n".join(d["text"] for d in _docs(300))
+    src = tmp_path / "long.jsonl"
+    src.write_text(json.dumps({"id": "long", "text": text}, ensure_ascii=False) + "\n")
+    # The reader's huge-line path: the line spans read chunks, its string is decoded in pieces.
+    monkeypatch.setattr(sources, "_CHUNK", 4096)
+    monkeypatch.setattr(formats, "_BIG_STRING", 4096)
+    cfg = MineConfig(input=[str(src)], output=str(tmp_path / "out"), local=True, max_seq_length=128)
+    spec = mining_spec(cfg)
+    stage = dataclasses.replace(spec.stages[0], kwargs={**spec.stages[0].kwargs, "max_doc_chars": 20_000})
+    spec = dataclasses.replace(spec, stages=[stage], write_batch_size=64)
+
+    events: list[tuple[str, int]] = []
+    tokenize, write = RecurringSpanMiner.tokenize_lines, runner.write_parts
+    monkeypatch.setattr(RecurringSpanMiner, "tokenize_lines",
+                        lambda self, texts: events.append(("tokenize", len(texts))) or tokenize(self, texts))
+    monkeypatch.setattr(runner, "write_parts",
+                        lambda batch, *a, **k: events.append(("write", len(batch["_row"]))) or write(batch, *a, **k))
+    shards = plan_shards(list_inputs([str(src)]), "auto", cfg.shard_rows, cfg.shard_bytes)
+    stats = runner.run(spec, shards, cfg.output, engine="local")
+
+    expected = stage.build()({"doc_id": np.array(["long"], dtype=object), "text": np.array([text], dtype=object)})
+    writes = [i for i, (kind, _) in enumerate(events) if kind == "write" and _]
+    pieces = [i for i, (kind, _) in enumerate(events) if kind == "tokenize"]
+    assert len(pieces) > 5 and len(writes) > 3
+    assert writes[0] < pieces[-1]  # rows went out before the last piece was mined
+    assert max(n for kind, n in events if kind == "write") <= 64
+    table = _read(tmp_path / "out")
+    assert table["input_ids"].to_pylist() == [ids.tolist() for ids in expected["input_ids"]]
+    assert table["question_positions"].to_pylist() == [q.tolist() for q in expected["question_positions"]]
+    assert table["seq_index"].to_pylist() == list(range(len(expected["input_ids"])))
+    assert stats["rows_in"] == 1 and stats["sequences"] == table.num_rows == len(expected["input_ids"])
+    assert stats["documents_used"] == 1
+    assert not list((tmp_path / "out" / "__splinter__").glob("staging/*"))

@@ -122,6 +122,26 @@ def test_commits_are_idempotent_and_never_publish_an_empty_shard(tmp_path):
     assert np.all(batch["_shard_rows"] == 6)
 
 
+@pytest.mark.parametrize("halves", [[[0, 1, 2], [3, 4, 5]], [[5, 3, 1], [4, 2, 0]], [[4, 5], [2, 3], [0, 1]]])
+def test_commit_merges_parts_in_row_order_however_they_were_cut(tmp_path, halves):
+    corpus = _corpus(tmp_path, 6)
+    shards = plan_shards(list_inputs([str(corpus)]), "auto", 100, 1 << 20)
+    out = str(tmp_path / "out")
+    spec = _spec()
+    rundir = shard_output(out, spec.name)
+    prepare_output(rundir, spec, shards, resume=False, overwrite=False)
+    rundir.release()
+    batch = read_batch([shards[0].to_dict()], spec.read)
+    stats: dict = {}
+    for rows in halves:  # following parts are merged one by one, interleaved ones all at once
+        receipts = write_parts({k: v[rows] for k, v in batch.items()}, spec, out)
+        stats = {k: stats.get(k, 0) + v for k, v in json.loads(receipts["stats"][0]).items() if k != "skipped"}
+    commit_shard(out, 0, spec.schema, stats)
+    published = pq.read_table(Path(out) / "shard-00000.parquet")
+    assert published["doc_id"].to_pylist() == [str(d) for d in batch["doc_id"]]
+    assert published.schema.equals(spec.schema)
+
+
 def test_output_directory_opens_in_every_parquet_reader(tmp_path):
     import datasets
     import duckdb

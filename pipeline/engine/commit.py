@@ -43,6 +43,7 @@ _MARKERS = f"{META}/shards"
 _STAGING = f"{META}/staging"
 _TMP = f"{META}/tmp"
 _SHARD_FILE = re.compile(r"shard-(\d{5,})\.parquet")
+_STAGED_ROW_GROUP = 128
 
 
 def _reason_counts(reasons: np.ndarray, src: np.ndarray) -> dict[str, int]:
@@ -53,8 +54,12 @@ def _reason_counts(reasons: np.ndarray, src: np.ndarray) -> dict[str, int]:
     return counts
 
 
-def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
-    """Write one part per shard present in the batch; return receipts (tiny) for the driver."""
+def write_parts(batch: Batch, spec: JobSpec, output: str, publish: bool = True) -> Batch:
+    """Write one part per shard present in the batch; return receipts (tiny) for the driver.
+
+    A batch that completes its shard is published on the spot unless `publish` is False: the caller
+    wrote parts of that shard before, and rows that weigh nothing (a streamed stage's, see
+    `pipeline.engine.batch.apply_stream`) may sit in them."""
     install_filesystems(spec.read.filesystems)
     n = batch_len(batch)
     receipts: dict[str, list[Any]] = {"shard": [], "consumed": [], "stats": [], "committed": []}
@@ -82,7 +87,7 @@ def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
         consumed = _weight(part["_den"])
         # The whole shard is in this batch (the usual case when Ray fuses read, stages and writer
         # into one task): publish it here and spare the driver a commit.
-        complete = consumed == int(part["_shard_rows"][0])
+        complete = publish and consumed == int(part["_shard_rows"][0])
         if complete:
             _publish(fs, root, shard, table, spec.schema, stats)
         elif table.num_rows:
@@ -90,7 +95,10 @@ def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
             name = f"part-{int(data['_row'][first]):010d}-{int(data['_sub'][first]):012d}.parquet"
             staging = f"{root}/{_STAGING}/{_shard_name(shard)}"
             fs.create_dir(staging, recursive=True)
-            pq.write_table(table, f"{staging}/{name}", filesystem=fs)
+            # Small row groups: the writer holds a row group's pages in memory, and this file is only
+            # read back by the commit (measured on mining's ~6 KB rows: 1,024-row groups cost ~40 MB of
+            # resident memory per write, 128-row groups ~20 MB).
+            pq.write_table(table, f"{staging}/{name}", filesystem=fs, row_group_size=_STAGED_ROW_GROUP)
         receipts["shard"].append(shard)
         receipts["consumed"].append(str(consumed))
         receipts["stats"].append(json.dumps(stats))
@@ -102,9 +110,9 @@ def write_parts(batch: Batch, spec: JobSpec, output: str) -> Batch:
 
 
 def _weight(den: np.ndarray) -> Fraction:
-    """Exact sum of 1/den over rows (few distinct denominators, so this is cheap)."""
+    """Exact sum of 1/den over rows (few distinct denominators, so this is cheap); den 0 weighs nothing."""
     values, counts = np.unique(np.asarray(den, dtype=np.int64), return_counts=True)
-    return sum((Fraction(int(c), int(v)) for v, c in zip(values, counts, strict=True)), Fraction(0))
+    return sum((Fraction(int(c), int(v)) for v, c in zip(values, counts, strict=True) if v), Fraction(0))
 
 
 def _is_null(arr: np.ndarray) -> np.ndarray:
@@ -124,7 +132,8 @@ def commit_shard(output: str, shard: int, schema: pa.Schema, stats: dict[str, An
     """Merge a finished shard's parts in row order and publish it atomically, marker last.
 
     Idempotent: a shard whose marker exists is done, so a retried commit changes nothing. A commit that
-    expects rows and finds no parts is an error, never an empty shard."""
+    expects rows and finds no parts is an error, never an empty shard. Parts whose rows follow each other
+    (the usual case) are merged one at a time, so a shard of many parts never sits in memory whole."""
     install_filesystems(filesystems)
     fs, root = filesystem(output)
     name = _shard_name(shard)
@@ -134,28 +143,67 @@ def commit_shard(output: str, shard: int, schema: pa.Schema, stats: dict[str, An
     info = fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
     parts = sorted(i.path for i in info if i.path.endswith(".parquet"))
     expected = int(stats.get("rows_out", 0))
-    if parts:
-        table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts])
+    keys = {p: _read_part(fs, p, ["_row", "_sub"]) for p in parts}
+    staged = sum(k.num_rows for k in keys.values())
+    if staged != expected:
+        raise RuntimeError(f"cannot commit {name} of {output}: {expected} rows were written but "
+                           f"{staged} are staged in {staging}; rerun with --resume")
+    spans = sorted((_key_span(k), p) for p, k in keys.items())
+    if parts and all(a[0][1] < b[0][0] for a, b in zip(spans, spans[1:], strict=False)):
+        _publish_parts(fs, root, shard, [p for _, p in spans], schema, stats)
+    elif parts:
+        _publish(fs, root, shard, pa.concat_tables([_read_part(fs, p) for p in parts]), schema, stats)
     else:
         table = schema.empty_table().append_column("_row", pa.array([], pa.int64())).append_column(
             "_sub", pa.array([], pa.int64()))
-    if table.num_rows != expected:
-        raise RuntimeError(f"cannot commit {name} of {output}: {expected} rows were written but "
-                           f"{table.num_rows} are staged in {staging}; rerun with --resume")
-    _publish(fs, root, shard, table, schema, stats)
+        _publish(fs, root, shard, table, schema, stats)
     if parts:
         fs.delete_dir(staging)
+
+
+def _read_part(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    # One file, read on this thread: pq.read_table's dataset reader (threads, read-ahead) held about twice
+    # the memory for a part.
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+
+
+def _key_span(keys: pa.Table) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The first and last (_row, _sub) of a part's rows."""
+    row, sub = (keys[c].to_numpy() for c in ("_row", "_sub"))
+    order = np.lexsort((sub, row))
+    lo, hi = int(order[0]), int(order[-1])
+    return (int(row[lo]), int(sub[lo])), (int(row[hi]), int(sub[hi]))
+
+
+def _in_row_order(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    row, sub = (table[c].to_numpy() for c in ("_row", "_sub"))
+    if len(row) > 1 and not np.all((row[1:] > row[:-1]) | ((row[1:] == row[:-1]) & (sub[1:] > sub[:-1]))):
+        table = table.take(pc.sort_indices(table, sort_keys=[("_row", "ascending"), ("_sub", "ascending")]))
+    return table.select([f.name for f in schema]).cast(schema)
 
 
 def _publish(fs: pafs.FileSystem, root: str, shard: int, table: pa.Table, schema: pa.Schema,
              stats: dict[str, Any]) -> None:
     """Rows in source order to OUT/<shard>.parquet via a temporary file; the stats marker goes last."""
     name = _shard_name(shard)
-    order = pc.sort_indices(table, sort_keys=[("_row", "ascending"), ("_sub", "ascending")])
-    table = table.take(order).select([f.name for f in schema]).cast(schema)
     tmp = f"{root}/{_TMP}/{name}.parquet"
     fs.create_dir(f"{root}/{_TMP}", recursive=True)
-    pq.write_table(table, tmp, filesystem=fs)
+    pq.write_table(_in_row_order(table, schema), tmp, filesystem=fs)
+    fs.move(tmp, f"{root}/{name}.parquet")
+    write_json(fs, f"{root}/{_MARKERS}/{name}.json", stats)
+
+
+def _publish_parts(fs: pafs.FileSystem, root: str, shard: int, parts: list[str], schema: pa.Schema,
+                   stats: dict[str, Any]) -> None:
+    """_publish for staged parts whose rows follow each other in this order: each part is read, sorted and
+    appended in turn (a row group or more per part)."""
+    name = _shard_name(shard)
+    tmp = f"{root}/{_TMP}/{name}.parquet"
+    fs.create_dir(f"{root}/{_TMP}", recursive=True)
+    with pq.ParquetWriter(tmp, schema, filesystem=fs) as writer:
+        for path in parts:
+            writer.write_table(_in_row_order(_read_part(fs, path), schema))
     fs.move(tmp, f"{root}/{name}.parquet")
     write_json(fs, f"{root}/{_MARKERS}/{name}.json", stats)
 

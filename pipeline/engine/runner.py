@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -42,7 +42,15 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.console import restore_stderr
-from pipeline.engine.batch import apply_chunked, apply_stage, batch_len, read_batch, slice_batch
+from pipeline.engine.batch import (
+    apply_chunked,
+    apply_stage,
+    batch_len,
+    read_batch,
+    rebatch,
+    slice_batch,
+    stream_chunked,
+)
 from pipeline.engine.commit import (
     check_output,
     commit_shard,
@@ -148,9 +156,9 @@ class _Tracker:
             self._complete(idx, already_committed=False)
 
 
-def _write(batch: Batch, spec: JobSpec, output: str) -> Batch:
+def _write(batch: Batch, spec: JobSpec, output: str, publish: bool = True) -> Batch:
     """write_parts plus each shard's row count, so receipts alone tell the driver when it is done."""
-    receipts = write_parts(batch, spec, output)
+    receipts = write_parts(batch, spec, output, publish)
     rows = [int(batch["_shard_rows"][batch["_shard"] == s][0]) for s in receipts["shard"].tolist()]
     receipts["shard_rows"] = np.asarray(rows, dtype=np.int64)
     return receipts
@@ -181,11 +189,18 @@ def run_local(spec: JobSpec, shards: list[Shard], output: str, progress: Progres
 
     for shard in shards:
         batch = read_batch([shard.to_dict()], spec.read)
-        for stage, size, is_model in stages:
+        for stage, size, is_model in stages[:-1]:
             batch = apply_chunked(counted(stage) if is_model else stage, batch, size)
-        n = batch_len(batch)
-        for i in range(0, n, spec.write_batch_size):
-            tracker.feed(_write(slice_batch(batch, i, i + spec.write_batch_size), spec, output))
+        # The last stage's output is written as it comes, in the slices a whole shard's output is cut
+        # into: a streaming stage (the miner) never has a huge document's rows in memory at once. Only
+        # the first slice may be published as the whole shard (see write_parts).
+        outputs: Iterable[Batch] = [batch]
+        if stages:
+            stage, size, is_model = stages[-1]
+            outputs = stream_chunked(counted(stage) if is_model else stage, batch, size)
+        del batch  # the stream holds the input while it needs it: a huge document's text goes before the commit
+        for i, part in enumerate(rebatch(outputs, spec.write_batch_size)):
+            tracker.feed(_write(part, spec, output, publish=i == 0))
             tracker.report()
     tracker.finish()
     return {i: tracker.stats[i] for i in tracker.done}, ({"models": labels} if labels else {})

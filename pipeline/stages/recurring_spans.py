@@ -25,7 +25,8 @@ these documented differences:
 * A document longer than `max_doc_chars` characters is mined in consecutive pieces of at most that
   many characters (cut at a line break, else at a space), each packed on its own: nothing is cut
   away, and no single tokenizer call or packing loop sees more than one piece. Piece 0 uses the
-  document's random stream; later pieces get their own, derived from the piece number.
+  document's random stream; later pieces get their own, derived from the piece number. `stream`
+  yields such a document's rows piece by piece, so a job can write them as they come.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from pipeline.engine.batch import concat_batches
 from pipeline.engine.resources import Resources
 from pipeline.stages.span_search import (
     ClusterBatch,
@@ -59,8 +62,13 @@ SKIP_REASONS = ("empty", "not_text", "too_short", "no_recurring_spans")
 # feed excepted), DEL, and U+FFFD (what a decoder leaves for invalid UTF-8).
 _JUNK = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
 _JUNK_FRACTION = 0.05
-# Characters of lines per tokenizer call: a usual batch of documents is one call, a huge document many.
-_ENCODE_CHARS = 1 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Characters of lines per tokenizer call: its Encodings take ~100 bytes a token (~25 bytes a character)
+# until their ids are taken, so calls stay small; a usual batch of documents is a few calls.
+_ENCODE_CHARS = 1 << 18
+# Characters of documents mined together (tokenized together, one cluster search, one output batch): a
+# usual batch of documents is one group; a group's memory, not the batch's, is what mining holds.
+_GROUP_CHARS = 1 << 20
 _INT32 = np.int32
 
 
@@ -181,9 +189,7 @@ class RecurringSpanMiner:
             return "", "not_text"  # None, NaN from a pandas round trip, numbers...
         if not text or text.isspace():
             return "", "empty"
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
+        if _SURROGATE.search(text):  # what UTF-8 cannot encode (found without a copy of a huge text)
             # Lone surrogates (a bad decode upstream): the tokenizer cannot take them; make them
             # U+FFFD so the junk test below judges them like any invalid UTF-8.
             text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
@@ -236,8 +242,12 @@ class RecurringSpanMiner:
 
         The pieces concatenate back to the text, so nothing is lost; every piece is mined.
         """
+        return [text[start:stop] for start, stop in self.piece_bounds(text)]
+
+    def piece_bounds(self, text: str) -> list[tuple[int, int]]:
+        """(start, stop) of each piece of `split_text`, without copying the text."""
         cap = self.max_doc_chars
-        pieces: list[str] = []
+        bounds: list[tuple[int, int]] = []
         start = 0
         while len(text) - start > cap:
             end = start + cap
@@ -245,10 +255,10 @@ class RecurringSpanMiner:
             if cut < 0:
                 cut = text.rfind(" ", start + cap // 2, end)
             cut = end if cut < 0 else cut + 1
-            pieces.append(text[start:cut])
+            bounds.append((start, cut))
             start = cut
-        pieces.append(text[start:])
-        return pieces
+        bounds.append((start, len(text)))
+        return bounds
 
     def chunk(self, segments: list[list[int]], dupe_index: int = 0) -> list[list[int]]:
         """A document's lines -> `[CLS] ... [SEP]` sequences of at most max_seq_length tokens.
@@ -286,64 +296,158 @@ class RecurringSpanMiner:
     # ------------------------------------------------------------------ stage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """All rows of the batch at once: `stream`'s batches, concatenated."""
+        parts = list(self.stream(batch))
+        return parts[0] if len(parts) == 1 else concat_batches(parts)
+
+    def stream(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of `__call__`, in the same order, as consecutive batches of bounded size.
+
+        Documents are mined in groups of about `_GROUP_CHARS` characters (a usual batch is one group),
+        and a document longer than `max_doc_chars` on its own, one piece of one pass at a time: its rows
+        come out over several batches, adjacent and in order, so memory follows a piece, not the
+        document. Each batch holds whole documents' rows except for such a document's.
+        """
         missing = [name for name in ("doc_id", "text") if name not in batch]
         if missing:
             raise ValueError(f"the mining stage needs columns 'doc_id' and 'text'; missing {missing}")
         texts = batch["text"]
         doc_ids = ["" if d is None else str(d) for d in batch["doc_id"]]
-        num_docs = len(texts)
-        reasons = [""] * num_docs
-        usable: list[int] = []
-        usable_texts: list[str] = []
-        for i in range(num_docs):
+        group: list[tuple[int, str]] = []  # (input row, usable text or "")
+        reasons: dict[int, str] = {}
+        chars = 0
+        for i in range(len(texts)):
             text, reason = self.check_text(texts[i])
+            if not reason and len(text) > self.max_doc_chars:
+                if group:
+                    yield self._mine_group(group, doc_ids, reasons)
+                    group, chars = [], 0
+                yield from self._mine_long(i, doc_ids[i], text)
+                continue
             if reason:
                 reasons[i] = reason
-            else:
-                usable.append(i)
-                usable_texts.append(text)
+            group.append((i, text))
+            chars += len(text)
+            if chars >= _GROUP_CHARS:
+                yield self._mine_group(group, doc_ids, reasons)
+                group, chars = [], 0
+        if group or not len(texts):
+            yield self._mine_group(group, doc_ids, reasons)
 
-        # Sequences of all usable documents, back to back: per document, pass by pass, piece by piece.
-        # A pass whose chunks equal pass 0's (every document under 10 lines) reuses pass 0's cluster
-        # search: only the masking differs.
-        piece_doc: list[int] = []
-        piece_texts: list[str] = []
-        for i, text in zip(usable, usable_texts, strict=True):
-            for piece in self.split_text(text):
-                piece_doc.append(i)
-                piece_texts.append(piece)
-        doc_pieces: dict[int, list[list[list[int]] | None]] = {}
-        for i, segments in zip(piece_doc, self._tokenize_guarded(piece_texts), strict=True):
-            doc_pieces.setdefault(i, []).append(segments)
+    def _mine_group(self, group: list[tuple[int, str]], doc_ids: list[str],
+                    reasons: dict[int, str]) -> dict[str, np.ndarray]:
+        """Rows of documents of at most max_doc_chars characters (one piece each), in input order: one
+        tokenizer pass and one cluster search for all of them. `reasons` holds the skipped ones."""
+        skip = {i: reasons[i] for i, _ in group if i in reasons}
+        usable = [(i, text) for i, text in group if i not in skip]
+        # Sequences of all usable documents, back to back: per document, pass by pass. A pass whose
+        # chunks equal pass 0's (every document under 10 lines) reuses pass 0's cluster search: only
+        # the masking differs.
         unique: list[list[int]] = []  # sequences the cluster search sees
         seq_doc: list[int] = []  # per emitted sequence: its document,
         seq_dupe: list[int] = []  # its pass,
-        seq_piece: list[int] = []  # its piece,
         seq_uniq: list[int] = []  # and its entry in `unique`
-        for i in usable:
-            pieces = doc_pieces[i]
-            if any(p is None for p in pieces):
-                reasons[i] = "not_text"
+        tokenized = self._tokenize_guarded([text for _, text in usable])
+        for (i, _), segments in zip(usable, tokenized, strict=True):
+            if segments is None:
+                skip[i] = "not_text"
                 continue
-            if sum(len(seg) for p in pieces for seg in p) < max(self.min_doc_tokens, 1):
-                reasons[i] = "too_short"
+            if sum(len(seg) for seg in segments) < max(self.min_doc_tokens, 1):
+                skip[i] = "too_short"
                 continue
-            first_pass: list[tuple[list[list[int]], int]] = []
+            first_chunks: list[list[int]] = []
+            first_ref = 0
             for d in range(self.dupe_factor):
-                for k, segments in enumerate(pieces):
-                    chunks = self.chunk(segments, d)
-                    if d and chunks == first_pass[k][0]:
-                        refs = range(first_pass[k][1], first_pass[k][1] + len(chunks))
-                    else:
-                        refs = range(len(unique), len(unique) + len(chunks))
-                        unique.extend(chunks)
-                    if d == 0:
-                        first_pass.append((chunks, refs.start))
-                    for u in refs:
-                        seq_doc.append(i)
-                        seq_dupe.append(d)
-                        seq_piece.append(k)
-                        seq_uniq.append(u)
+                chunks = self.chunk(segments, d)
+                if d and chunks == first_chunks:
+                    refs = range(first_ref, first_ref + len(chunks))
+                else:
+                    refs = range(len(unique), len(unique) + len(chunks))
+                    unique.extend(chunks)
+                if d == 0:
+                    first_chunks, first_ref = chunks, refs.start
+                for u in refs:
+                    seq_doc.append(i)
+                    seq_dupe.append(d)
+                    seq_uniq.append(u)
+        del tokenized  # the token lists live on in `unique`
+        return self._mask_and_emit(
+            docs=[i for i, _ in group],
+            doc_ids=doc_ids,
+            reasons=skip,
+            unique=unique,
+            seqs=(seq_doc, seq_dupe, [0] * len(seq_doc), seq_uniq),
+        )
+
+    def _mine_long(self, i: int, doc_id: str, text: str) -> Iterator[dict[str, np.ndarray]]:
+        """Rows of one document longer than max_doc_chars (input row `i`), in `__call__`'s order: pass by
+        pass, piece by piece, each piece tokenized when its turn comes (again in every pass, so only
+        one piece's tokens are ever held).
+
+        Its tests need the whole document: rows wait while the document has shown fewer than
+        min_doc_tokens tokens (too_short would drop them), and a piece the tokenizer rejects after
+        rows have gone out (not_text would) stops the stage with an error: `check_text` leaves no
+        known text the tokenizer rejects.
+        """
+        need = max(self.min_doc_tokens, 1)
+        tokens = 0  # seen in pass 0
+        sent = 0  # rows yielded
+        held: list[dict[str, np.ndarray]] = []
+        bounds = self.piece_bounds(text)
+        for d in range(self.dupe_factor):
+            for k, (start, stop) in enumerate(bounds):
+                segments = self._tokenize_guarded([text[start:stop]])[0]
+                if segments is None:
+                    if sent:
+                        raise RuntimeError(f"document {doc_id!r}: the tokenizer rejected piece {k} of "
+                                           f"{len(bounds)} after rows of earlier pieces were emitted")
+                    yield self._skip_row(i, doc_id, "not_text")
+                    return
+                if d == 0:
+                    tokens += sum(len(seg) for seg in segments)
+                chunks = self.chunk(segments, d)
+                del segments
+                n = len(chunks)
+                out = self._mask_and_emit(
+                    docs=[i],
+                    doc_ids={i: doc_id},
+                    reasons={},
+                    unique=chunks,
+                    seqs=([i] * n, [d] * n, [k] * n, list(range(n))),
+                    first_seq_index=sent + sum(len(h["_source"]) for h in held),
+                    skip_rows=False,
+                )
+                if len(out["_source"]):
+                    held.append(out)
+                if tokens >= need:
+                    for part in held:
+                        sent += len(part["_source"])
+                        yield part
+                    held = []
+            if tokens < need:  # known at the end of pass 0
+                yield self._skip_row(i, doc_id, "too_short")
+                return
+        if not sent:
+            yield self._skip_row(i, doc_id, "no_recurring_spans")
+
+    def _skip_row(self, i: int, doc_id: str, reason: str) -> dict[str, np.ndarray]:
+        return self._mask_and_emit(docs=[i], doc_ids={i: doc_id}, reasons={i: reason}, unique=[],
+                                   seqs=([], [], [], []))
+
+    def _mask_and_emit(
+        self,
+        *,
+        docs: list[int],
+        doc_ids: list[str] | dict[int, str],
+        reasons: dict[int, str],
+        unique: list[list[int]],
+        seqs: tuple[list[int], list[int], list[int], list[int]],
+        first_seq_index: int = 0,
+        skip_rows: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """Cluster search over `unique`, masking, rows. `seqs` = per emitted sequence: its document, pass,
+        piece and entry in `unique`."""
+        seq_doc, seq_dupe, seq_piece, seq_uniq = seqs
         uniq_offsets = np.zeros(len(unique) + 1, dtype=np.int64)
         np.cumsum([len(u) for u in unique], out=uniq_offsets[1:])
         clusters = find_span_clusters(
@@ -352,13 +456,12 @@ class RecurringSpanMiner:
             self.tables,
             self.max_span_length,
         )
-        del doc_pieces  # the token lists live on in `unique`; a huge document should not hold both
         sequences = [unique[u] for u in seq_uniq]
         seq_len = [len(seq) for seq in sequences]
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(seq_len, out=offsets[1:])
         flat = np.fromiter((t for seq in sequences for t in seq), dtype=np.int64, count=int(offsets[-1]))
-        del sequences, unique
+        del sequences
 
         # Masking, sequentially per (document, pass, piece) with its own generator.
         q_seq: list[int] = []
@@ -384,7 +487,7 @@ class RecurringSpanMiner:
                 q_start.append(start)
                 q_end.append(end)
         return self._emit(
-            batch_size=num_docs,
+            docs=docs,
             doc_ids=doc_ids,
             reasons=reasons,
             seq_doc=seq_doc,
@@ -392,21 +495,27 @@ class RecurringSpanMiner:
             flat=flat,
             offsets=offsets,
             questions=(q_seq, q_pos, q_len, q_start, q_end),
+            first_seq_index=first_seq_index,
+            skip_rows=skip_rows,
         )
 
     def _emit(
         self,
         *,
-        batch_size: int,
-        doc_ids: list[str],
-        reasons: list[str],
+        docs: list[int],
+        doc_ids: list[str] | dict[int, str],
+        reasons: dict[int, str],
         seq_doc: list[int],
         seq_dupe: list[int],
         flat: np.ndarray,
         offsets: np.ndarray,
         questions: tuple[list[int], ...],
+        first_seq_index: int = 0,
+        skip_rows: bool = True,
     ) -> dict[str, np.ndarray]:
-        """Apply the layout to all sequences at once, then cut rows (skip rows in input order)."""
+        """Apply the layout to all sequences at once, then cut rows: per document of `docs` (input rows, in
+        order) its sequences that got questions, numbered from `first_seq_index`, or one skip row (none
+        with `skip_rows=False`: a long document's piece, whose skip row comes at the document's end)."""
         q_seq, q_pos, q_len, q_start, q_end = (np.asarray(q, dtype=np.int64) for q in questions)
         num_seqs = len(seq_doc)
         seq_start = offsets[:-1]
@@ -474,10 +583,12 @@ class RecurringSpanMiner:
         if position_ids is not None:
             cols["position_ids"] = []
         bounds = out_offsets.tolist()
-        for i in range(batch_size):
+        for i in docs:
             rows = by_doc.get(i)
             if not rows:
-                reason = reasons[i] or "no_recurring_spans"
+                if not skip_rows:
+                    continue
+                reason = reasons.get(i) or "no_recurring_spans"
                 values: dict[str, Any] = {"_source": i, "skip_reason": reason, "doc_id": doc_ids[i]}
                 values.update(seq_index=-1, dupe_index=-1, num_tokens=0, num_questions=0, masked_spans=[])
                 for name in cols:
@@ -492,7 +603,7 @@ class RecurringSpanMiner:
                 cols["_source"].append(i)
                 cols["skip_reason"].append("")
                 cols["doc_id"].append(doc_ids[i])
-                cols["seq_index"].append(k)  # dense over all passes, so seq_index == 0 counts used documents
+                cols["seq_index"].append(first_seq_index + k)  # dense over all passes, so seq_index == 0 counts used documents
                 cols["dupe_index"].append(seq_dupe[s])
                 cols["input_ids"].append(out_ids[a:b])
                 cols["attention_mask"].append(attention[a:b])

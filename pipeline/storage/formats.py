@@ -13,6 +13,7 @@ time, so the shards of one file that a worker reads do not each parse it again.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections import OrderedDict
@@ -34,7 +35,7 @@ _CHUNK = 1 << 20
 TOO_DEEP = "too_deep"  # what `loads` returns for JSON nested deeper than the parser's recursion limit
 
 
-def loads(raw: bytes) -> Any:
+def loads(raw: bytes | bytearray) -> Any:
     """The JSON value of `raw`; None when it is not JSON, TOO_DEEP when it nests too deep to parse.
 
     A UTF-8 byte order mark (editors on Windows write one) is not part of the record."""
@@ -44,6 +45,101 @@ def loads(raw: bytes) -> Any:
         return None
     except RecursionError:  # json's C scanner stops cleanly at the recursion limit: one bad record
         return TOO_DEEP
+
+
+# A JSON string this long (in bytes, quotes included) is decoded in pieces of about `_STRING_PIECE` bytes
+# by `loads_taken`. Pieces are small so that their transient copies stay small too.
+_BIG_STRING = 1 << 20
+_STRING_PIECE = 1 << 16
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Bytes after which a JSON string's body may be cut: ASCII that is not part of any escape sequence,
+# so the pieces of a valid body are valid bodies, and decode to the pieces of its text.
+_CUT_AFTER = re.compile(b"[" + b"".join(re.escape(bytes([c])) for c in range(0x20, 0x80)
+                                        if bytes([c]) not in b'\\"/bfnrtu0123456789abcdefABCDEF') + b"]")
+
+
+def loads_taken(holder: list[bytes | bytearray]) -> Any:
+    """`loads` of the line in `holder`, which it empties, so that nothing else need keep the line.
+
+    A line holding a JSON string over `_BIG_STRING` bytes (a huge document's text) is not decoded whole:
+    each such string's body is decoded in small pieces into UTF-8, the line is let go, and only then is
+    the text made. Peak memory: the line and the text's UTF-8 (1x each), then the UTF-8 and the text
+    (1x + 1-4x by its widest character), instead of the line, its decoded copy and the text at once.
+    The value equals `loads`' in every case: a line that is not valid JSON goes through `loads` whole.
+    """
+    raw = holder.pop()
+    if len(raw) < _BIG_STRING:
+        return loads(raw)
+    spans = [m.span() for m in _JSON_STRING.finditer(raw) if m.end() - m.start() > _BIG_STRING]
+    if not spans:
+        return loads(raw)
+    try:
+        bodies = [_string_utf8(raw, start + 1, stop - 1) for start, stop in spans]
+    except ValueError:
+        return loads(raw)  # not valid JSON: loads says what it is
+    # The line with each big string replaced by a marker no real record holds (a random token).
+    token = os.urandom(16).hex()
+    markers = [f"\0{token}-{k}" for k in range(len(spans))]
+    pieces, last = [], 0
+    for (start, stop), marker in zip(spans, markers, strict=True):
+        pieces += [raw[last:start], json.dumps(marker).encode()]
+        last = stop
+    pieces.append(raw[last:])
+    value = loads(b"".join(pieces))
+    del raw, pieces
+    texts: dict[str, str] = {}
+    for k, marker in enumerate(markers):
+        texts[marker] = bodies[k].decode("utf-8", "surrogatepass")
+        bodies[k] = bytearray()
+    return _replace_strings(value, texts)
+
+
+def _string_utf8(raw: bytes | bytearray, start: int, stop: int) -> bytearray:
+    """The text of the JSON string body `raw[start:stop]` as UTF-8 (lone surrogates kept), decoded in
+    pieces cut after `_CUT_AFTER` bytes; ValueError where the body is not valid JSON."""
+    # Sized once for the body (its UTF-8 is no longer, but for invalid bytes decoded as U+FFFD): a
+    # buffer grown step by step would leave the heap holding its earlier sizes.
+    out = bytearray(stop - start)
+    size = 0
+    view = memoryview(raw)
+    while start < stop:
+        cut = min(start + _STRING_PIECE, stop)
+        if cut < stop:
+            found = _CUT_AFTER.search(raw, cut - 1, stop)
+            cut = found.end() if found else stop
+        body = bytes(view[start:cut]).decode("utf-8", errors="replace")
+        piece = json.loads(f'"{body}"').encode("utf-8", "surrogatepass")
+        out[size : size + len(piece)] = piece
+        size += len(piece)
+        start = cut
+    del out[size:]
+    return out
+
+
+def _replace_strings(value: Any, texts: dict[str, str]) -> Any:
+    """`value` with every string (value or key) found in `texts` replaced by its entry."""
+    if isinstance(value, str):
+        return texts.get(value, value)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            for i, v in enumerate(item):
+                if isinstance(v, str):
+                    item[i] = texts.get(v, v)
+                elif isinstance(v, list | dict):
+                    stack.append(v)
+        elif isinstance(item, dict):
+            if any(k in texts for k in item):
+                pairs = [(texts.get(k, k), v) for k, v in item.items()]
+                item.clear()
+                item.update(pairs)
+            for k, v in item.items():
+                if isinstance(v, str):
+                    item[k] = texts.get(v, v)
+                elif isinstance(v, list | dict):
+                    stack.append(v)
+    return value
 
 
 def unicode_width(head: bytes) -> str | None:
@@ -80,6 +176,22 @@ def _first_line(path: str, size: int | None) -> tuple[bytes, bytes]:
                 pieces.append(chunk[:nl])
                 return b"".join(pieces), chunk[nl + 1:] + f.read(64 << 10)
             pieces.append(chunk)
+
+
+_FIRST_KEY = re.compile(rb'\{[ \t\r\n]*("[^"\\]*(?:\\.[^"\\]*)*")[ \t\r\n]*:')
+
+
+def _starts_with_mrqa_header(path: str, size: int | None) -> bool:
+    """`is_mrqa` of the first line, without reading a long first line (one huge record) whole: a header's
+    only key is "header", so a line whose first key is another is not one."""
+    head = read_head(path, 64 << 10, size)
+    line = head.lstrip(BLANK)
+    if line and b"\n" in line:
+        return is_mrqa(line[: line.index(b"\n")])
+    key = _FIRST_KEY.match(line)
+    if line and not (key and loads(key.group(1)) == "header"):
+        return False
+    return is_mrqa(_first_line(path, size)[0])
 
 
 def _json_kind(path: str, size: int | None, version: str) -> str | None:
@@ -120,7 +232,7 @@ def detect_format(path: str, size: int | None = None, version: str = "", head: b
         return "parquet"
     if name.endswith(JSONL_EXT):
         # The MRQA shared task's files (the authors' few-shot splits) are JSON Lines behind a header line.
-        return "mrqa" if is_mrqa(_first_line(path, size)[0]) else "jsonl"
+        return "mrqa" if _starts_with_mrqa_header(path, size) else "jsonl"
     body = head.lstrip(BLANK)
     if name.endswith(".json"):
         kind = _json_kind(path, size, version)

@@ -48,7 +48,7 @@ from pipeline.storage.formats import (
     PARQUET_EXT,
     TOO_DEEP,
     detect_format,
-    loads,
+    loads_taken,
     parsed,
     unicode_width,
     wikiextractor_docs,
@@ -243,31 +243,40 @@ def _parquet(path: str, size: int | None = None) -> pq.ParquetFile:
     return pq.ParquetFile(inner, filesystem=fs)
 
 
-def _lines(f: Any, offset: int, stop: int | None) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) for each line starting before `stop`; linear in the bytes read."""
-    pending: list[bytes] = []  # the start of a line whose end is in a later chunk
+def _lines(f: Any, offset: int, stop: int | None) -> Iterator[tuple[int, bytes | bytearray]]:
+    """(offset, line) for each line starting before `stop`; linear in the bytes read.
+
+    A line longer than a chunk is gathered in one bytearray grown in place (no pieces joined into a copy),
+    and nothing here keeps a line once it is yielded, so a consumer can let a huge line go before it is
+    done parsing it."""
+    pending: list[bytearray] = []  # at most one: the start of a line whose end is in a later chunk
     while True:
         if stop is not None and offset >= stop and not pending:
             return
         chunk = f.read(_CHUNK)
         if not chunk:
             if pending and (stop is None or offset < stop):
-                yield offset, b"".join(pending)
+                yield offset, pending.pop()
             return
         begin = 0
         while (nl := chunk.find(b"\n", begin)) >= 0:
-            line = b"".join([*pending, chunk[begin:nl]]) if pending else chunk[begin:nl]
-            pending = []
             if stop is not None and offset >= stop:
                 return
-            yield offset, line
-            offset += len(line) + 1
+            start = offset
+            offset += (len(pending[0]) if pending else 0) + nl - begin + 1
+            if pending:
+                pending[0] += memoryview(chunk)[begin:nl]
+                yield start, pending.pop()
+            else:
+                yield start, chunk[begin:nl]
             begin = nl + 1
         if begin < len(chunk):
-            pending.append(chunk[begin:])
+            if not pending:
+                pending.append(bytearray())
+            pending[0] += memoryview(chunk)[begin:]
 
 
-def _jsonl_lines(path: str, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+def _jsonl_lines(path: str, start: int, stop: int) -> Iterator[tuple[int, bytes | bytearray]]:
     """(byte offset, line) for each line that *starts* in [start, stop): byte-range shards of one file
     cover every line exactly once. stop == -1 streams the whole (possibly compressed) file."""
     if stop < 0:
@@ -366,9 +375,11 @@ def _read_shard(shard: Shard, opts: ReadOptions) -> list[dict[str, Any]]:
         records = _parquet_records(shard, opts)
     elif shard.format == "jsonl":
         for offset, line in _jsonl_lines(path, shard.start, shard.stop):
-            if not line.strip():
+            if not line or line.isspace():  # (strip() would copy a huge line)
                 continue
-            rec = loads(line)
+            holder = [line]
+            del line  # loads_taken lets a huge line go before it builds the text
+            rec = loads_taken(holder)
             err = "" if isinstance(rec, dict) else TOO_DEEP if rec is TOO_DEEP else \
                 "not_an_object" if rec is not None else "invalid_json"
             records.append((_locate(path, offset), rec if isinstance(rec, dict) else {}, err))
