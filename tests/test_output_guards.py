@@ -93,7 +93,8 @@ def _spec() -> JobSpec:
                    reason_column="skip_reason", drop_reason_rows=True, config={})
 
 
-def test_commits_are_idempotent_and_never_publish_an_empty_shard(tmp_path):
+def _one_shard_job(tmp_path: Path) -> tuple[str, JobSpec, dict]:
+    """An output prepared for one shard of 6 documents, and that shard's rows as the reader gives them."""
     corpus = _corpus(tmp_path, 6)
     shards = plan_shards(list_inputs([str(corpus)]), "auto", 100, 1 << 20)
     assert len(shards) == 1
@@ -102,7 +103,11 @@ def test_commits_are_idempotent_and_never_publish_an_empty_shard(tmp_path):
     rundir = shard_output(out, spec.name)
     prepare_output(rundir, spec, shards, resume=False, overwrite=False)
     rundir.release()
-    batch = read_batch([shards[0].to_dict()], spec.read)
+    return out, spec, read_batch([shards[0].to_dict()], spec.read)
+
+
+def test_commits_are_idempotent_and_never_publish_an_empty_shard(tmp_path):
+    out, spec, batch = _one_shard_job(tmp_path)
     # The shard arrives in two batches: each is staged as a part, then the driver commits.
     stats: dict = {}
     for half in (slice(0, 4), slice(4, 6)):
@@ -124,14 +129,7 @@ def test_commits_are_idempotent_and_never_publish_an_empty_shard(tmp_path):
 
 @pytest.mark.parametrize("halves", [[[0, 1, 2], [3, 4, 5]], [[5, 3, 1], [4, 2, 0]], [[4, 5], [2, 3], [0, 1]]])
 def test_commit_merges_parts_in_row_order_however_they_were_cut(tmp_path, halves):
-    corpus = _corpus(tmp_path, 6)
-    shards = plan_shards(list_inputs([str(corpus)]), "auto", 100, 1 << 20)
-    out = str(tmp_path / "out")
-    spec = _spec()
-    rundir = shard_output(out, spec.name)
-    prepare_output(rundir, spec, shards, resume=False, overwrite=False)
-    rundir.release()
-    batch = read_batch([shards[0].to_dict()], spec.read)
+    out, spec, batch = _one_shard_job(tmp_path)
     stats: dict = {}
     for rows in halves:  # following parts are merged one by one, interleaved ones all at once
         receipts = write_parts({k: v[rows] for k, v in batch.items()}, spec, out)
