@@ -21,7 +21,8 @@ Figures (questions per second, higher is better):
   `job_steady_qps`, questions through the model after its first batch / time to its last batch (the
   actors' own counts, polled each second); `job_steady_commit_qps`, the same from shard commits (rows of
   shards committed after the first / time from the first to the last commit: it overstates the rate
-  when there are few shards, part of whose rows were done before the first answer). Neither exists for a job of one model batch (64 rows on CPU by default).
+  when there are few shards, part of whose rows were done before the first answer). Neither exists for
+  a job of one model batch (64 rows on CPU by default).
 - one model core: the job with `cpus_per_actor=1, num_actors=1` (one torch thread; the other core is
   left to tokenizing, writing and Ray) against the raw forward at `torch.set_num_threads(1)` on the
   same windows: `job_1cpu_steady_vs_raw_forward_1thread` (goal >= 0.90 at 3,000 questions).

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -302,8 +301,7 @@ def huge_child(path: str, small: str, work: str) -> None:
     # VmHWM: this process's own peak. Not ru_maxrss: Linux carries the peak of a process's memory from
     # before its exec over into it, and this process began as a copy of its parent (subprocess forks,
     # then execs), so ru_maxrss here is at least the parent's peak, whatever the job does.
-    peak = _status_kb(os.getpid(), ("VmHWM",)).get("VmHWM", 0) * 1024
-    peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    peak = _status_kb(os.getpid(), ("VmHWM",))["VmHWM"] * 1024
     print(json.dumps({"before_rss": before, "peak_rss": peak, "seconds": round(seconds, 2),
                       "sequences": stats.get("sequences")}))
 
