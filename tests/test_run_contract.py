@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from cluster_fixture import MARKER, _pids_with_marker
 from conftest import package_file
+from numerics import assert_close
 
 from pipeline.corpus.extraction import run_extract
 from pipeline.corpus.mining import run_mine
@@ -184,4 +185,16 @@ def test_a_signal_stops_extract_in_one_line_and_resume_finishes_it_identically(t
     clean = tmp_path / "clean"
     run_extract(ExtractConfig(input=[str(questions)], output=str(clean), model=str(tiny_qa_model), local=True,
                               shard_rows=50, batch_size=8))
-    assert _read(out).equals(_read(clean))
+    _assert_same_answers(_read(out), _read(clean))
+
+
+def _assert_same_answers(got: pa.Table, want: pa.Table) -> None:
+    """Every column equal, except the model's float scores: equal up to float32 rounding. Which questions
+    share a model call follows how Ray's blocks happened to meet (a shard's last rows may join the next
+    shard's in one call), and a call's padded length changes the last bits of a score, not an answer."""
+    assert got.schema.equals(want.schema)
+    floats = [f.name for f in want.schema if pa.types.is_floating(f.type)]
+    assert floats  # the scores are there to compare
+    assert got.drop_columns(floats).equals(want.drop_columns(floats))
+    for name in floats:
+        assert_close(got[name].to_numpy(zero_copy_only=False), want[name].to_numpy(zero_copy_only=False), tol=1e-6)
