@@ -16,8 +16,11 @@ NOTICE = ("[2026-12-03 16:38:10,582 E 4079 4079] core_worker.cc:2465: Actor with
 
 
 def _run(body: str, **env: str) -> subprocess.CompletedProcess:
+    # Ctrl-C as at a terminal: a shell's background job (a CI runner's, say) starts with SIGINT ignored,
+    # and Python then leaves it ignored in this process and in the filter it starts.
     script = textwrap.dedent("""
-        import os, sys
+        import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from pipeline.console import filter_stderr
         filter_stderr()
     """) + textwrap.dedent(body)
