@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.commits import read_commits  # noqa: E402
-from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize  # noqa: E402
+from pipeline.stages.qa import QAPostprocess, QATokenize  # noqa: E402
+from pipeline.stages.qa_model import QAModel  # noqa: E402
 from splinter.bert import load_from_bert  # noqa: E402
 from splinter.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 from splinter.model import SplinterForQuestionAnswering  # noqa: E402

@@ -21,7 +21,8 @@ from pipeline.corpus.extraction import run_extract
 from pipeline.corpus.questions import read_questions
 from pipeline.settings import ConfigError, ExtractConfig
 from pipeline.stages.corpus_qa import CorpusQATokenize
-from pipeline.stages.qa import QAModel, QAPostprocess
+from pipeline.stages.qa import QAPostprocess
+from pipeline.stages.qa_model import QAModel
 from pipeline.storage.rundir import OutputExistsError
 
 SQUAD = DATA / "squad_sample.json"

@@ -210,6 +210,44 @@ def test_workers_never_read_the_model_path(tmp_path, tiny_qa_model, ray_session)
     assert _read(tmp_path / "out")["answer"].to_pylist() == _read(tmp_path / "local")["answer"].to_pylist()
 
 
+@pytest.mark.parametrize("corpus_mode", [False, True])
+def test_only_the_model_actor_imports_torch(tmp_path, tiny_qa_model, corpus_mode):
+    """What Ray sends the workers that read, tokenize, postprocess and write unpickles without torch: at a
+    job's start each of them would otherwise spend ~1 CPU-second importing it, beside the model actor."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from ray import cloudpickle
+
+    from pipeline.corpus.extraction import ClusterView, extract_spec
+    from pipeline.engine import runner
+
+    questions = None
+    if corpus_mode:
+        questions = tmp_path / "questions.txt"
+        questions.write_text("Who wrote it?\nWhen?\n")
+    cfg = ExtractConfig(input=[str(SQUAD)], output=str(tmp_path / "out"), model=str(tiny_qa_model),
+                        questions=str(questions) if questions else None)
+    spec = extract_spec(cfg, ClusterView(cpus=2, gpus=0, node_cpus=2))
+    stages = [dataclasses.replace(s, shared={}) for s in spec.stages]  # as run_ray sends them
+    text_stages = [s for s in stages if not s.res.actors]
+    model_stages = [s for s in stages if s.res.actors]
+    assert len(text_stages) == 2 and len(model_stages) == 1
+    loads = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
+
+    def imports_torch(payload: object) -> bool:
+        out = subprocess.run([sys.executable, "-c", loads], input=cloudpickle.dumps(payload), cwd=ROOT,
+                             capture_output=True, check=True)
+        return out.stdout.strip() == b"True"
+
+    assert not imports_torch((runner._ray_read, spec.read, runner._streamed_stage, runner._task_stage,
+                              runner._write, runner.writer_spec(spec), *text_stages))
+    assert imports_torch(model_stages[0])  # the check can tell
+    assert imports_torch(spec)  # the whole spec names the model stage: never send it to the writer
+
+
 def test_shipped_model_builds_the_same_network(tiny_qa_model):
     import torch
 

@@ -43,7 +43,8 @@ def dev_rows() -> list[dict]:
 
 
 def _answers(model_dir: Path, rows: list[dict], **model_kwargs) -> dict[str, np.ndarray]:
-    from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
+    from pipeline.stages.qa import QAPostprocess, QATokenize
+    from pipeline.stages.qa_model import QAModel
 
     tokenize = QATokenize(str(model_dir))
     model = QAModel(str(model_dir), **model_kwargs)
@@ -67,7 +68,7 @@ def test_bf16_answers_agree_with_fp32_on_real_weights(minilm_qa, dev_rows) -> No
 
 
 def test_host_to_device_goes_through_pinned_int32_buffers(minilm_qa, monkeypatch) -> None:
-    from pipeline.stages.qa import QAModel
+    from pipeline.stages.qa_model import QAModel
 
     model = QAModel(str(minilm_qa), device="cuda")
     pinned: list[torch.dtype] = []

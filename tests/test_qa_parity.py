@@ -34,7 +34,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
+from pipeline.stages.qa import QAPostprocess, QATokenize
+from pipeline.stages.qa_model import QAModel
 from splinter.bert import load_from_bert
 from splinter.checkpoint import save_pretrained
 from splinter.model import SplinterForQuestionAnswering

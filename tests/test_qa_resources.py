@@ -11,7 +11,8 @@ from conftest import DATA
 
 from pipeline.corpus.extraction import ClusterView, extract_spec, plan_model
 from pipeline.settings import ConfigError, ExtractConfig
-from pipeline.stages.qa import QAModel, QATokenize
+from pipeline.stages.qa import QATokenize
+from pipeline.stages.qa_model import QAModel
 from pipeline.storage.model_files import ShippedModel, read_checkpoint
 
 SQUAD = DATA / "squad_sample.json"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
+from pipeline.stages.qa import QAPostprocess, QATokenize
+from pipeline.stages.qa_model import QAModel
 from splinter.checkpoint import load_pretrained, save_pretrained
 from splinter.config import SplinterConfig
 from splinter.model import SplinterForQuestionAnswering

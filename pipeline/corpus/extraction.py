@@ -8,13 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from pipeline.corpus.preflight import preflight
 from pipeline.corpus.questions import read_questions
-from pipeline.corpus.schemas import qa_schema
+from pipeline.corpus.schemas import qa_schema, summarize_corpus_qa, summarize_qa
 from pipeline.engine.resources import Resources
 from pipeline.engine.runner import cluster_address, run_config
 from pipeline.engine.spec import JobSpec, StageSpec
@@ -22,29 +18,12 @@ from pipeline.paths import is_uri
 from pipeline.progress import Progress
 from pipeline.settings import ConfigError, ExtractConfig
 from pipeline.stages.corpus_qa import CorpusQATokenize
-from pipeline.stages.qa import QAModel, QAPostprocess, QATokenize
+from pipeline.stages.qa import QAPostprocess, QATokenize
+from pipeline.stages.qa_model import QAModel
 from pipeline.storage.model_files import ShippedModel, read_checkpoint
 from pipeline.storage.sources import ReadOptions
 
 log = logging.getLogger(__name__)
-
-
-def summarize_qa(table: pa.Table) -> dict[str, Any]:
-    answered = pc.invert(pc.is_null(table["answer"]))
-    scores = pc.filter(table["score"], answered).to_numpy(zero_copy_only=False)
-    return {
-        "answered": int(pc.sum(answered).as_py() or 0),
-        "score_sum": float(np.sum(scores, dtype=np.float64)) if len(scores) else 0.0,
-    }
-
-
-def summarize_corpus_qa(table: pa.Table) -> dict[str, Any]:
-    """As summarize_qa, plus every pair's error reason: the runner's `errors` count source rows
-    (documents), and one document holds many pairs."""
-    stats = summarize_qa(table)
-    reasons = pc.value_counts(pc.drop_null(table["error"])).to_pylist()
-    stats["pair_errors"] = {r["values"]: int(r["counts"]) for r in reasons}
-    return stats
 
 
 def _topk_candidates(cfg: ExtractConfig) -> int:

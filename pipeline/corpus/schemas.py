@@ -1,8 +1,17 @@
-"""Output schemas, written once and passed explicitly to every Parquet write."""
+"""Output schemas, written once and passed explicitly to every Parquet write, and the QA jobs' per-shard
+summaries of them.
+
+The summaries run in the workers that write (JobSpec.summarize): they live here, not with the jobs that
+name them, so those workers import pyarrow and not the model (pipeline.corpus.extraction imports torch).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _I32_LIST = pa.list_(pa.int32())
 
@@ -56,3 +65,21 @@ def qa_schema(n_best: int = 0, corpus: bool = False) -> pa.Schema:
             pa.field("nbest_probabilities", pa.list_(pa.float32())),
         ]
     return pa.schema(fields)
+
+
+def summarize_qa(table: pa.Table) -> dict[str, Any]:
+    answered = pc.invert(pc.is_null(table["answer"]))
+    scores = pc.filter(table["score"], answered).to_numpy(zero_copy_only=False)
+    return {
+        "answered": int(pc.sum(answered).as_py() or 0),
+        "score_sum": float(np.sum(scores, dtype=np.float64)) if len(scores) else 0.0,
+    }
+
+
+def summarize_corpus_qa(table: pa.Table) -> dict[str, Any]:
+    """As summarize_qa, plus every pair's error reason: the runner's `errors` count source rows
+    (documents), and one document holds many pairs."""
+    stats = summarize_qa(table)
+    reasons = pc.value_counts(pc.drop_null(table["error"])).to_pylist()
+    stats["pair_errors"] = {r["values"]: int(r["counts"]) for r in reasons}
+    return stats

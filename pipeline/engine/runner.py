@@ -156,6 +156,13 @@ class _Tracker:
             self._complete(idx, already_committed=False)
 
 
+def writer_spec(spec: JobSpec) -> JobSpec:
+    """The spec as the writing workers get it: without the stages. Unpickling a model stage's class would
+    import torch in a process that never runs it (~1 CPU-second at the job's start, on the cores the
+    starting model actor needs)."""
+    return dataclasses.replace(spec, stages=[])
+
+
 def _write(batch: Batch, spec: JobSpec, output: str, publish: bool = True) -> Batch:
     """write_parts plus each shard's row count, so receipts alone tell the driver when it is done."""
     receipts = write_parts(batch, spec, output, publish)
@@ -396,7 +403,7 @@ def run_ray(spec: JobSpec, shards: list[Shard], output: str, progress: Progress,
         write_args = {"num_cpus": last.num_cpus}
         if last.tasks:
             write_args["compute"] = ray.data.TaskPoolStrategy(size=last.tasks)
-    ds = ds.map_batches(_write, fn_kwargs={"spec": spec, "output": output},
+    ds = ds.map_batches(_write, fn_kwargs={"spec": writer_spec(spec), "output": output},
                         batch_size=None, batch_format="numpy", **write_args)
 
     pending: list[Any] = []
